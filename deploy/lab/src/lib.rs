@@ -1,0 +1,1 @@
+//! The native lab: starts and supervises the stack (work in progress).
