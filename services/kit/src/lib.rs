@@ -1,1 +1,21 @@
-//! Shared service runtime (work in progress).
+//! What every service of the exchange shares, written once so that no service forgets a piece:
+//!
+//! * [`config`]: typed configuration (defaults, optional TOML file, `APP__SECTION__KEY`
+//!   environment), validated before any port is bound; exit code 64 on bad configuration.
+//!   **Architecture invariant:** this is the only module in the workspace's services that
+//!   reads the environment.
+//! * [`telemetry`]: `tracing` logs, human by default, JSON on request.
+//! * [`metrics`]: the Prometheus recorder with real histogram buckets, and process metrics.
+//! * [`health`]: readiness flags per dependency behind `GET /readyz`.
+//! * [`http`]: the admin routes (`/healthz`, `/readyz`, `/metrics`), the tower-http layers
+//!   every service uses (tracing, body limit, timeout, RED metrics) and graceful serving.
+//! * [`shutdown`]: SIGTERM/SIGINT turned into a drain signal every task can wait on.
+//! * [`spool`]: the durable retry queue, an fsync'ed, bounded, append-only log on disk.
+
+pub mod config;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod shutdown;
+pub mod spool;
+pub mod telemetry;
