@@ -22,6 +22,16 @@ pub struct Event {
     pub kind: EventKind,
 }
 
+/// One AMQP message of the engine's event stream: consecutive events in sequence order.
+/// Batch boundaries carry no meaning (a republish after a restart may cut them differently);
+/// readers key on each event's `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventBatch {
+    /// [`WIRE_VERSION`] of the writer; readers refuse versions they do not know.
+    pub v: u32,
+    pub events: Vec<Event>,
+}
+
 /// What happened.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

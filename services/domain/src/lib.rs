@@ -20,7 +20,8 @@ mod price;
 
 pub use error::{ErrorCode, ValidationError};
 pub use event::{
-    Event, EventKind, ExpireReason, Fill, OrderOutcome, OrderStatus, RejectReason, WIRE_VERSION,
+    Event, EventBatch, EventKind, ExpireReason, Fill, OrderOutcome, OrderStatus, RejectReason,
+    WIRE_VERSION,
 };
 pub use ids::{Account, AccountKey, ClientOrderId, OrderId};
 pub use order::{

@@ -1,5 +1,6 @@
 //! What every service of the exchange shares, written once so that no service forgets a piece:
 //!
+//! * [`amqp`]: the RabbitMQ topology of engine events, declared in one place.
 //! * [`config`]: typed configuration (defaults, optional TOML file, `APP__SECTION__KEY`
 //!   environment), validated before any port is bound; exit code 64 on bad configuration.
 //!   **Architecture invariant:** this is the only module in the workspace's services that
@@ -12,6 +13,7 @@
 //! * [`shutdown`]: SIGTERM/SIGINT turned into a drain signal every task can wait on.
 //! * [`spool`]: the durable retry queue, an fsync'ed, bounded, append-only log on disk.
 
+pub mod amqp;
 pub mod config;
 pub mod health;
 pub mod http;
