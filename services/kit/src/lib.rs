@@ -11,13 +11,17 @@
 //! * [`http`]: the admin routes (`/healthz`, `/readyz`, `/metrics`), the tower-http layers
 //!   every service uses (tracing, body limit, timeout, RED metrics) and graceful serving.
 //! * [`shutdown`]: SIGTERM/SIGINT turned into a drain signal every task can wait on.
+//! * [`record`] and [`checkpoint`]: crash-safe on-disk framing and checkpoints, shared by the
+//!   spool and the engine journal.
 //! * [`spool`]: the durable retry queue, an fsync'ed, bounded, append-only log on disk.
 
 pub mod amqp;
+pub mod checkpoint;
 pub mod config;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod record;
 pub mod shutdown;
 pub mod spool;
 pub mod telemetry;

@@ -9,9 +9,8 @@
 //!
 //! On disk (`dir/`):
 //! * `NNNNNNNNNNNNNNNNNNNN.seg` segments named by their first sequence number, each a run of
-//!   records `[len: u32 LE][crc32(seq ‖ payload): u32 LE][seq: u64 LE][payload]`;
-//! * `ack`, two 16-byte slots `[acked seq: u64][crc32: u32][pad]` written alternately, so a
-//!   torn write of one slot leaves the other;
+//!   records framed by [`crate::record`];
+//! * `ack`, a [`Checkpoint`] of the highest delivered sequence number;
 //! * `dead-letter.jsonl`, entries the receiver refused for good, with the reason.
 //!
 //! Guarantees and bounds: appends are group-committed (one `fdatasync` for every append that
@@ -23,7 +22,6 @@
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -31,10 +29,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::checkpoint::Checkpoint;
+use crate::record;
 use crate::shutdown::Shutdown;
-
-/// Size of a record header: length, CRC, sequence number.
-const HEADER: usize = 16;
 
 /// Limits of one spool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,8 +106,7 @@ struct State {
     acked: u64,
     /// Sealed and current segments, oldest first.
     segments: Vec<Segment>,
-    ack_file: File,
-    ack_slot: u64,
+    ack: Checkpoint,
 }
 
 #[derive(Debug)]
@@ -138,14 +134,8 @@ impl Spool {
     pub fn open(dir: &Path, name: &'static str, limits: SpoolLimits) -> Result<Spool, SpoolError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let ack_path = dir.join("ack");
-        let ack_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&ack_path)
-            .map_err(io_err(&ack_path))?;
-        let (acked, ack_slot) = read_ack(&ack_file).map_err(io_err(&ack_path))?;
+        let ack = Checkpoint::open(&ack_path).map_err(io_err(&ack_path))?;
+        let acked = ack.get().0;
 
         let mut seg_paths: Vec<(u64, PathBuf)> = Vec::new();
         for e in fs::read_dir(dir).map_err(io_err(dir))? {
@@ -204,8 +194,7 @@ impl Spool {
                 next_seq,
                 acked,
                 segments,
-                ack_file,
-                ack_slot,
+                ack,
             }),
             arrived: Notify::new(),
         });
@@ -270,10 +259,8 @@ impl Spool {
             }
         }
         st.acked = seq;
-        let slot = st.ack_slot;
         let ack_path = inner.dir.join("ack");
-        write_ack(&st.ack_file, slot, seq).map_err(io_err(&ack_path))?;
-        st.ack_slot = 1 - slot;
+        st.ack.set(seq, 0).map_err(io_err(&ack_path))?;
         // Never delete the newest segment: the writer appends to it.
         while st.segments.len() > 1 && st.segments[0].last_seq <= seq {
             let s = st.segments.remove(0);
@@ -426,9 +413,14 @@ fn write_batch(
         *current = Some((file, 0));
     }
     let (file, size) = current.as_mut().expect("set just above");
-    let mut buf = Vec::with_capacity(accepted.iter().map(|(e, _)| HEADER + e.payload.len()).sum());
+    let mut buf = Vec::with_capacity(
+        accepted
+            .iter()
+            .map(|(e, _)| record::HEADER + e.payload.len())
+            .sum(),
+    );
     for (e, _) in &accepted {
-        encode(&mut buf, e);
+        record::encode(&mut buf, e.seq, &e.payload);
     }
     let path = inner.dir.join(format!("{first_seq:020}.seg"));
     file.write_all(&buf).map_err(io_err(&path))?;
@@ -457,16 +449,6 @@ fn write_batch(
     Ok(())
 }
 
-fn encode(buf: &mut Vec<u8>, e: &Entry) {
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&e.seq.to_le_bytes());
-    crc.update(&e.payload);
-    buf.extend_from_slice(&(e.payload.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&crc.finalize().to_le_bytes());
-    buf.extend_from_slice(&e.seq.to_le_bytes());
-    buf.extend_from_slice(&e.payload);
-}
-
 /// Reads every record of a segment. A bad record at the tail of the newest segment is a torn
 /// write from a crash (never acknowledged) and is cut off; anywhere else it is corruption.
 fn read_segment(path: &Path, is_last: bool) -> Result<Vec<Entry>, SpoolError> {
@@ -474,82 +456,29 @@ fn read_segment(path: &Path, is_last: bool) -> Result<Vec<Entry>, SpoolError> {
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut data))
         .map_err(io_err(path))?;
-    let mut out = Vec::new();
-    let mut off = 0usize;
-    while off < data.len() {
-        let good = decode(&data[off..]);
-        match good {
-            Some((entry, used)) => {
-                out.push(entry);
-                off += used;
-            }
-            None if is_last => {
-                tracing::warn!(path = %path.display(), offset = off, "cutting off a torn record at the end of the spool");
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .map_err(io_err(path))?;
-                f.set_len(off as u64).map_err(io_err(path))?;
-                f.sync_all().map_err(io_err(path))?;
-                break;
-            }
-            None => {
-                return Err(SpoolError::Corrupt {
-                    path: path.to_owned(),
-                    offset: off as u64,
-                });
-            }
+    let (records, end) = record::decode_all(&data);
+    if end < data.len() {
+        if !is_last {
+            return Err(SpoolError::Corrupt {
+                path: path.to_owned(),
+                offset: end as u64,
+            });
         }
+        tracing::warn!(path = %path.display(), offset = end, "cutting off a torn record at the end of the spool");
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        f.set_len(end as u64).map_err(io_err(path))?;
+        f.sync_all().map_err(io_err(path))?;
     }
-    Ok(out)
-}
-
-fn decode(b: &[u8]) -> Option<(Entry, usize)> {
-    if b.len() < HEADER {
-        return None;
-    }
-    let len = u32::from_le_bytes(b[0..4].try_into().ok()?) as usize;
-    let crc = u32::from_le_bytes(b[4..8].try_into().ok()?);
-    let seq = u64::from_le_bytes(b[8..16].try_into().ok()?);
-    let payload = b.get(HEADER..HEADER + len)?;
-    let mut h = crc32fast::Hasher::new();
-    h.update(&seq.to_le_bytes());
-    h.update(payload);
-    (h.finalize() == crc).then(|| {
-        (
-            Entry {
-                seq,
-                payload: payload.to_vec(),
-            },
-            HEADER + len,
-        )
-    })
-}
-
-fn read_ack(f: &File) -> io::Result<(u64, u64)> {
-    let mut best = (0u64, 0u64);
-    for slot in 0..2u64 {
-        let mut b = [0u8; 16];
-        if f.read_exact_at(&mut b, slot * 16).is_err() {
-            continue;
-        }
-        let seq = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
-        let crc = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
-        if crc32fast::hash(&b[0..8]) == crc && seq >= best.0 {
-            // Next write goes to the other slot.
-            best = (seq, 1 - slot);
-        }
-    }
-    Ok(best)
-}
-
-fn write_ack(f: &File, slot: u64, seq: u64) -> io::Result<()> {
-    let mut b = [0u8; 16];
-    b[0..8].copy_from_slice(&seq.to_le_bytes());
-    let crc = crc32fast::hash(&b[0..8]);
-    b[8..12].copy_from_slice(&crc.to_le_bytes());
-    f.write_all_at(&b, slot * 16)?;
-    f.sync_data()
+    Ok(records
+        .into_iter()
+        .map(|(seq, payload)| Entry {
+            seq,
+            payload: payload.to_vec(),
+        })
+        .collect())
 }
 
 /// The outcome of one delivery attempt.
