@@ -11,25 +11,38 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Named readiness flags, all false until their owners report in.
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
-    deps: Arc<BTreeMap<&'static str, AtomicBool>>,
+    /// Flag and whether readiness requires it.
+    deps: Arc<BTreeMap<&'static str, (AtomicBool, bool)>>,
 }
 
 impl Readiness {
+    /// Every dependency required for readiness.
     pub fn new(dependencies: &[&'static str]) -> Readiness {
-        Readiness {
-            deps: Arc::new(
-                dependencies
+        Readiness::with_optional(dependencies, &[])
+    }
+
+    /// `required` gate readiness; `optional` are only reported (in `/readyz` and in the
+    /// `dependency_up` metric): the service keeps working without them, e.g. the engine
+    /// buffers events in its journal while RabbitMQ is away.
+    pub fn with_optional(required: &[&'static str], optional: &[&'static str]) -> Readiness {
+        let flags = required
+            .iter()
+            .map(|d| (*d, (AtomicBool::new(false), true)))
+            .chain(
+                optional
                     .iter()
-                    .map(|d| (*d, AtomicBool::new(false)))
-                    .collect(),
-            ),
+                    .map(|d| (*d, (AtomicBool::new(false), false))),
+            )
+            .collect();
+        Readiness {
+            deps: Arc::new(flags),
         }
     }
 
     /// Records whether `dependency` is reachable. Unknown names are a programming error.
     pub fn set(&self, dependency: &'static str, up: bool) {
         match self.deps.get(dependency) {
-            Some(flag) => {
+            Some((flag, _)) => {
                 let was = flag.swap(up, Ordering::Relaxed);
                 if was != up {
                     tracing::info!(dependency, up, "dependency readiness changed");
@@ -42,14 +55,16 @@ impl Readiness {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.deps.values().all(|f| f.load(Ordering::Relaxed))
+        self.deps
+            .values()
+            .all(|(f, required)| !required || f.load(Ordering::Relaxed))
     }
 
     /// Every dependency and whether it is up, for the `/readyz` body.
     pub fn snapshot(&self) -> BTreeMap<&'static str, bool> {
         self.deps
             .iter()
-            .map(|(k, v)| (*k, v.load(Ordering::Relaxed)))
+            .map(|(k, (v, _))| (*k, v.load(Ordering::Relaxed)))
             .collect()
     }
 }
@@ -69,5 +84,9 @@ mod tests {
         r.set("a", false);
         assert_eq!(r.snapshot().get("a"), Some(&false));
         assert!(Readiness::new(&[]).is_ready());
+        let o = Readiness::with_optional(&["a"], &["b"]);
+        o.set("a", true);
+        assert!(o.is_ready(), "optional dependencies do not gate readiness");
+        assert_eq!(o.snapshot().get("b"), Some(&false));
     }
 }
