@@ -25,6 +25,7 @@ pub use event::{
 };
 pub use ids::{Account, AccountKey, ClientOrderId, OrderId};
 pub use order::{
-    CancelOrder, Command, NewOrder, NewOrderRequest, OrderType, Quantity, Side, TimeInForce,
+    CancelOrder, Command, MAX_QUANTITY, NewOrder, NewOrderRequest, OrderType, Quantity, Side,
+    TimeInForce,
 };
 pub use price::{Catalog, Price, Symbol, SymbolSpec};

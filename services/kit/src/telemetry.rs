@@ -9,8 +9,10 @@ use tracing_subscriber::EnvFilter;
 pub fn init(service: &'static str, log: &LogConfig) {
     // The level was validated with the configuration; fall back to `info` defensively.
     let filter = EnvFilter::try_new(&log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = match log.format {
         LogFormat::Human => builder.with_target(true).try_init(),

@@ -1,0 +1,100 @@
+//! The engine's settings (`[http]`, `[log]`, `[data]`, `[amqp]`, `[journal]`, `[debug]`).
+
+use kit::config::{
+    ConfigError, DataConfig, DebugConfig, HttpConfig, LogConfig, Validate, check_url,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    pub http: HttpConfig,
+    pub log: LogConfig,
+    /// Holds the journal and the outbox checkpoint.
+    pub data: DataConfig,
+    pub amqp: AmqpConfig,
+    pub journal: JournalConfig,
+    pub debug: DebugConfig,
+}
+
+/// `[amqp]`: where events go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    pub url: String,
+    /// Most events in one published message.
+    pub batch_events_max: usize,
+    /// A publish not confirmed within this time counts as failed and is retried.
+    pub confirm_timeout_ms: u64,
+    /// Reconnect backoff cap.
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            batch_events_max: 1000,
+            confirm_timeout_ms: 5_000,
+            reconnect_max_ms: 2_000,
+        }
+    }
+}
+
+/// `[journal]`: group commit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    /// Most commands synced together in one `fdatasync`.
+    pub group_commit_max: usize,
+    /// Commands waiting for the matching thread; beyond it requests get 503.
+    pub queue_max: usize,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            group_commit_max: 1024,
+            queue_max: 16_384,
+        }
+    }
+}
+
+impl Validate for EngineConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.http.validate()?;
+        self.log.validate()?;
+        check_url("amqp.url", &self.amqp.url, &["amqp"])?;
+        if !(1..=10_000).contains(&self.amqp.batch_events_max) {
+            return Err(ConfigError::invalid(
+                "amqp.batch_events_max",
+                "must be between 1 and 10000",
+            ));
+        }
+        if !(100..=60_000).contains(&self.amqp.confirm_timeout_ms) {
+            return Err(ConfigError::invalid(
+                "amqp.confirm_timeout_ms",
+                "must be between 100 and 60000",
+            ));
+        }
+        if !(10..=60_000).contains(&self.amqp.reconnect_max_ms) {
+            return Err(ConfigError::invalid(
+                "amqp.reconnect_max_ms",
+                "must be between 10 and 60000",
+            ));
+        }
+        if !(1..=65_536).contains(&self.journal.group_commit_max) {
+            return Err(ConfigError::invalid(
+                "journal.group_commit_max",
+                "must be between 1 and 65536",
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.journal.queue_max) {
+            return Err(ConfigError::invalid(
+                "journal.queue_max",
+                "must be between 1 and 1000000",
+            ));
+        }
+        Ok(())
+    }
+}

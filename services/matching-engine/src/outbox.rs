@@ -1,0 +1,207 @@
+//! The outbox publisher: ships journaled events to RabbitMQ, in sequence order, with publisher
+//! confirms, and remembers how far the broker confirmed.
+//!
+//! It reads events straight from the journal between its checkpoint (`outbox.checkpoint`:
+//! journal offset and last event sequence confirmed) and the journal's durable end. Each
+//! [`domain::EventBatch`] is published persistent and `mandatory` to the events exchange; only
+//! an ack without a returned message moves the checkpoint. While the broker is away nothing
+//! moves and events wait in the journal; when it returns they go out from the checkpoint.
+//! Delivery is at-least-once (a crash between confirm and checkpoint republishes a batch), and
+//! persistence is idempotent on event sequence numbers.
+
+use crate::config::AmqpConfig;
+use crate::matcher::Durable;
+use kit::checkpoint::Checkpoint;
+use kit::health::Readiness;
+use kit::shutdown::Shutdown;
+use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel};
+use std::fs::File;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// File name of the outbox checkpoint inside the engine's data directory.
+pub const CHECKPOINT_FILE: &str = "outbox.checkpoint";
+
+/// The checkpoint is synced at most this often while busy (and always when caught up).
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Everything the publisher needs.
+#[derive(Debug)]
+pub struct Outbox {
+    pub config: AmqpConfig,
+    pub journal_path: PathBuf,
+    pub checkpoint_path: PathBuf,
+    pub durable: watch::Receiver<Durable>,
+    pub readiness: Readiness,
+    pub shutdown: Shutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PublishError {
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("journal: {0}")]
+    Journal(#[from] std::io::Error),
+    #[error("broker did not confirm within {0:?}")]
+    ConfirmTimeout(Duration),
+    #[error("broker nacked the batch")]
+    Nack,
+    #[error("batch was unroutable (returned): is the queue bound?")]
+    Returned,
+}
+
+impl Outbox {
+    /// Runs until shutdown, reconnecting with capped backoff.
+    pub async fn run(mut self) -> std::io::Result<()> {
+        let mut checkpoint = Checkpoint::open(&self.checkpoint_path)?;
+        let journal = File::open(&self.journal_path)?;
+        let journal_len = journal.metadata()?.len();
+        if checkpoint.get().0 > journal_len {
+            // The journal was replaced (a new exchange): publish it from the start.
+            tracing::warn!(
+                checkpoint = checkpoint.get().0,
+                journal_len,
+                "outbox checkpoint is past the journal's end; restarting from 0"
+            );
+            checkpoint.set(0, 0)?;
+        }
+        let (offset, seq) = checkpoint.get();
+        tracing::info!(
+            offset,
+            confirmed_seq = seq,
+            "outbox starting from its checkpoint"
+        );
+        metrics::gauge!("engine_outbox_confirmed_seq").set(seq as f64);
+        let initial = Duration::from_millis(50);
+        let max = Duration::from_millis(self.config.reconnect_max_ms);
+        let mut backoff = initial;
+        let mut first = true;
+        while !self.shutdown.is_triggered() {
+            if !first {
+                metrics::counter!("engine_amqp_reconnects_total").increment(1);
+            }
+            first = false;
+            match self.connect().await {
+                Ok((conn, channel)) => {
+                    self.readiness.set("rabbitmq", true);
+                    backoff = initial;
+                    let result = self.publish_loop(&channel, &journal, &mut checkpoint).await;
+                    let _ = conn.close(200, "engine outbox stopping".into()).await;
+                    match result {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "outbox lost the broker; reconnecting")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach RabbitMQ")
+                }
+            }
+            self.readiness.set("rabbitmq", false);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.shutdown.wait() => break,
+            }
+            backoff = (backoff * 2).min(max);
+        }
+        Ok(())
+    }
+
+    async fn connect(&self) -> Result<(lapin::Connection, Channel), lapin::Error> {
+        let conn = kit::amqp::connect(&self.config.url, "matching-engine").await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        kit::amqp::declare_topology(&channel).await?;
+        Ok((conn, channel))
+    }
+
+    /// Publishes until shutdown (`Ok`) or a broker error (`Err`, reconnect).
+    async fn publish_loop(
+        &mut self,
+        channel: &Channel,
+        journal: &File,
+        checkpoint: &mut Checkpoint,
+    ) -> Result<(), PublishError> {
+        let mut last_sync = Instant::now();
+        let (mut offset, mut confirmed_seq) = checkpoint.get();
+        loop {
+            let durable = *self.durable.borrow_and_update();
+            metrics::gauge!("engine_outbox_lag_events")
+                .set(durable.last_seq.saturating_sub(confirmed_seq) as f64);
+            if offset >= durable.offset {
+                if checkpoint.get().0 != offset {
+                    checkpoint.set(offset, confirmed_seq)?;
+                    last_sync = Instant::now();
+                }
+                tokio::select! {
+                    changed = self.durable.changed() => {
+                        if changed.is_err() {
+                            // The matching thread stopped: everything durable is published.
+                            return Ok(());
+                        }
+                    }
+                    _ = self.shutdown.wait() => return Ok(()),
+                }
+                continue;
+            }
+            let chunk = crate::journal::read_events(
+                journal,
+                offset,
+                durable.offset,
+                self.config.batch_events_max,
+            )?;
+            let mut body = Vec::with_capacity(chunk.events_json.len() + 16);
+            body.extend_from_slice(
+                format!("{{\"v\":{},\"events\":", domain::WIRE_VERSION).as_bytes(),
+            );
+            body.extend_from_slice(&chunk.events_json);
+            body.push(b'}');
+            let started = Instant::now();
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(format!("events-{}-{}", chunk.first_seq, chunk.last_seq).into());
+            let confirm = channel
+                .basic_publish(
+                    kit::amqp::EVENTS_EXCHANGE.into(),
+                    kit::amqp::EVENTS_ROUTING_KEY.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &body,
+                    props,
+                )
+                .await?;
+            let timeout = Duration::from_millis(self.config.confirm_timeout_ms);
+            let confirmation = tokio::time::timeout(timeout, confirm)
+                .await
+                .map_err(|_| PublishError::ConfirmTimeout(timeout))??;
+            match confirmation {
+                Confirmation::Ack(None) => {}
+                Confirmation::Ack(Some(_)) => return Err(PublishError::Returned),
+                Confirmation::Nack(_) | Confirmation::NotRequested => {
+                    return Err(PublishError::Nack);
+                }
+            }
+            metrics::histogram!("engine_outbox_publish_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!("engine_outbox_batch_size").record(chunk.events as f64);
+            metrics::counter!("engine_outbox_published_events_total")
+                .increment(chunk.events as u64);
+            offset = chunk.end_offset;
+            confirmed_seq = chunk.last_seq;
+            metrics::gauge!("engine_outbox_confirmed_seq").set(confirmed_seq as f64);
+            if last_sync.elapsed() >= CHECKPOINT_INTERVAL {
+                checkpoint.set(offset, confirmed_seq)?;
+                last_sync = Instant::now();
+            }
+        }
+    }
+}
