@@ -1,0 +1,144 @@
+//! `loadgen run | audit`: the command line over the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use loadgen::flow::FlowSpec;
+use loadgen::run::RunSpec;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Load generator, ledger and zero-loss audit for the simulated exchange"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Send orders at a constant arrival rate and record every one in a ledger.
+    Run(RunArgs),
+    /// Compare a ledger with what the exchange persisted; exit 1 on any loss or violation.
+    Audit(AuditArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Orders per second (open model: the rate does not slow down when the exchange does).
+    #[arg(long, default_value_t = 30.0)]
+    rate: f64,
+    /// How long to send, e.g. 60s, 2m.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// The order-gateway's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    target: String,
+    /// Symbols to trade, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "AAPL,MSFT,GOOG,AMZN,TSLA"
+    )]
+    symbols: Vec<String>,
+    /// Seed of the order flow.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to write the ledger (one JSON line per order).
+    #[arg(long, default_value = "target/loadgen/ledger.jsonl")]
+    ledger: PathBuf,
+    /// Where to write the JSON summary.
+    #[arg(long, default_value = "target/loadgen/summary.json")]
+    summary: PathBuf,
+    /// Share of commands that cancel one of our resting orders.
+    #[arg(long, default_value_t = 0.1)]
+    cancel_share: f64,
+    /// Per-request timeout.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Most requests outstanding at once; orders beyond it are recorded as dropped.
+    #[arg(long, default_value_t = 20_000)]
+    max_in_flight: usize,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
+    /// The ledger written by `loadgen run`.
+    #[arg(long, default_value = "target/loadgen/ledger.jsonl")]
+    ledger: PathBuf,
+    /// PostgreSQL URL of the exchange's persistence database.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5433/exchange")]
+    database: String,
+    /// How long to wait for the pipeline to drain.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    deadline: Duration,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "target/loadgen/audit.json")]
+    report: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Cmd::Run(a) => {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&a.cancel_share),
+                "--cancel-share must be between 0 and 1"
+            );
+            let started = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let spec = RunSpec {
+                target: a.target,
+                rate_per_sec: a.rate,
+                duration: a.duration,
+                flow: FlowSpec {
+                    seed: a.seed,
+                    symbols: a.symbols,
+                    cancel_share: a.cancel_share,
+                    accounts: 50,
+                    client_id_prefix: format!("lg{}-{started}", a.seed),
+                },
+                ledger: Some(a.ledger),
+                summary: Some(a.summary.clone()),
+                request_timeout: a.timeout,
+                max_in_flight: a.max_in_flight,
+                progress: !a.quiet,
+            };
+            let stop = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            let summary = loadgen::run::run(spec, stop).await?;
+            print!("{}", summary.table());
+            println!("  summary: {}", a.summary.display());
+            if summary.interrupted {
+                std::process::exit(130);
+            }
+            Ok(())
+        }
+        Cmd::Audit(a) => {
+            let report = loadgen::audit::audit(&a.ledger, &a.database, a.deadline).await?;
+            print!("{}", report.table());
+            if let Some(dir) = a.report.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).ok();
+            }
+            std::fs::write(&a.report, serde_json::to_string_pretty(&report)? + "\n")
+                .with_context(|| format!("writing {}", a.report.display()))?;
+            println!("  report: {}", a.report.display());
+            if !report.passed {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
+}
