@@ -1,0 +1,32 @@
+//! `order-gateway`: loads the configuration (exit 64 if it is bad), starts telemetry and
+//! metrics, binds, and runs [`order_gateway::run`] until SIGTERM or SIGINT.
+
+use anyhow::Context;
+use clap::Parser;
+use order_gateway::GatewayConfig;
+use std::path::PathBuf;
+
+/// The simulated exchange's public order API.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file; `APP__SECTION__KEY` environment variables override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config: GatewayConfig =
+        kit::config::load_or_exit(order_gateway::SERVICE, args.config.as_deref());
+    kit::telemetry::init(order_gateway::SERVICE, &config.log);
+    kit::metrics::install();
+    let shutdown = kit::shutdown::Shutdown::on_signals().context("installing signal handlers")?;
+    let listener = kit::http::bind(config.http.addr)
+        .await
+        .context("binding the HTTP listener")?;
+    order_gateway::run(config, listener, shutdown)
+        .await
+        .context("running the order gateway")
+}
