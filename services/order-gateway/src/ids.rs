@@ -105,7 +105,18 @@ impl OrderIds {
     }
 }
 
-/// Reads `dir/generation` (0 if absent), writes back one more, durably, and returns it.
+/// Minutes since 2026-01-01T00:00:00Z: a floor for new generations, so a gateway whose data
+/// directory was wiped (while the engine kept its journal) still does not reuse old ids, as
+/// long as it does not restart more than once a minute on average. 2^21 minutes last 4 years.
+fn clock_floor() -> u64 {
+    const EPOCH_2026: u64 = 1_767_225_600;
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs().saturating_sub(EPOCH_2026) / 60)
+}
+
+/// Reads `dir/generation` (0 if absent), writes back the next one (one more, or the clock
+/// floor if that is higher), durably, and returns it.
 fn bump_generation(dir: &Path) -> Result<u64, IdError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let path = dir.join("generation");
@@ -117,7 +128,7 @@ fn bump_generation(dir: &Path) -> Result<u64, IdError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
         Err(e) => return Err(IdError::Io { path, source: e }),
     };
-    let generation = previous + 1;
+    let generation = (previous + 1).max(clock_floor());
     if generation >= MAX_GENERATION {
         return Err(IdError::GenerationsExhausted {
             path,
@@ -146,7 +157,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = OrderIds::start(dir.path()).unwrap();
         let b = OrderIds::start(dir.path()).unwrap();
-        assert_eq!((a.generation(), b.generation()), (1, 2));
+        // A fresh directory starts at the clock floor; restarts count up from there.
+        assert!(a.generation() >= clock_floor().max(1));
+        assert_eq!(b.generation(), a.generation() + 1);
         let x = a.next_id().unwrap();
         let y = b.next_id().unwrap();
         assert!(x < y && y.0 < 1 << 53);
