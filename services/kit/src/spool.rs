@@ -508,83 +508,101 @@ impl Default for Backoff {
     }
 }
 
-/// Delivers the spool's entries in order, one at a time, with `deliver`, until `shutdown`.
+/// Delivers the spool's entries in order, in batches of up to `max_batch`, with `deliver`,
+/// until `shutdown`.
 ///
-/// A transient failure is retried after a growing, capped backoff, for as long as it takes:
-/// giving up would lose an acknowledged order. What bounds this loop is the spool itself
-/// (appends beyond its limits are refused) and the backoff cap. Acks are made durable in
-/// groups (every 64 deliveries, or when the queue runs empty), so a crash redelivers at most
-/// that many entries.
-pub async fn deliver<F, Fut>(spool: Spool, shutdown: Shutdown, backoff: Backoff, mut deliver: F)
-where
-    F: FnMut(Arc<Entry>) -> Fut,
-    Fut: std::future::Future<Output = Delivery>,
+/// `deliver` gets the oldest undelivered entries and returns one [`Delivery`] per entry it
+/// attempted, in order; it may return fewer than it was given (the rest are offered again). A
+/// `Retry` ends the batch there: that entry and the ones after it are retried after a growing,
+/// capped backoff, for as long as it takes, because giving up would lose an acknowledged order.
+/// What bounds this loop is the spool itself (appends beyond its limits are refused) and the
+/// backoff cap. Acks are made durable in groups (every 64 deliveries, or when the queue runs
+/// empty), so a crash redelivers at most that many entries.
+pub async fn deliver<F, Fut>(
+    spool: Spool,
+    shutdown: Shutdown,
+    backoff: Backoff,
+    max_batch: usize,
+    mut deliver: F,
+) where
+    F: FnMut(Vec<Arc<Entry>>) -> Fut,
+    Fut: std::future::Future<Output = Vec<Delivery>>,
 {
     let name = spool.inner.name;
     let mut delay = backoff.initial;
     let mut unacked: Option<u64> = None;
     let mut since_ack = 0u32;
+    let flush = |unacked: &mut Option<u64>, since_ack: &mut u32| {
+        if let Some(seq) = unacked.take() {
+            ack_or_log(&spool, seq);
+        }
+        *since_ack = 0;
+    };
     loop {
         if shutdown.is_triggered() {
             break;
         }
-        let next = spool.peek(1).into_iter().next();
-        let Some(entry) = next else {
-            if let Some(seq) = unacked.take() {
-                ack_or_log(&spool, seq);
-                since_ack = 0;
-            }
+        let batch = spool.peek(max_batch.max(1));
+        if batch.is_empty() {
+            flush(&mut unacked, &mut since_ack);
             tokio::select! {
                 _ = spool.wait_for_entries() => {}
                 _ = shutdown.wait() => break,
             }
             continue;
-        };
-        match deliver(entry.clone()).await {
-            Delivery::Done => {
-                metrics::counter!("spool_delivered_total", "spool" => name).increment(1);
-                delay = backoff.initial;
-                // Ack in memory at once so the next peek moves on; make it durable in groups.
-                unacked = Some(entry.seq);
-                since_ack += 1;
-                if since_ack >= 64 {
-                    ack_or_log(&spool, entry.seq);
-                    unacked = None;
-                    since_ack = 0;
-                } else {
+        }
+        let results = deliver(batch.clone()).await;
+        let mut failure: Option<String> = None;
+        let mut progressed = false;
+        for (entry, result) in batch.iter().zip(results) {
+            match result {
+                Delivery::Done => {
+                    metrics::counter!("spool_delivered_total", "spool" => name).increment(1);
+                    // Ack in memory at once so the next peek moves on; durably in groups.
                     spool.ack_in_memory(entry.seq);
+                    unacked = Some(entry.seq);
+                    since_ack += 1;
+                    progressed = true;
                 }
-            }
-            Delivery::Reject(reason) => {
-                if let Some(seq) = unacked.take() {
-                    ack_or_log(&spool, seq);
-                    since_ack = 0;
+                Delivery::Reject(reason) => {
+                    flush(&mut unacked, &mut since_ack);
+                    if let Err(e) = spool.dead_letter(entry, &reason) {
+                        tracing::error!(spool = name, error = %e, "dead-lettering failed; will retry");
+                        failure = Some(e.to_string());
+                        break;
+                    }
+                    progressed = true;
                 }
-                if let Err(e) = spool.dead_letter(&entry, &reason) {
-                    tracing::error!(spool = name, error = %e, "dead-lettering failed; will retry");
-                    tokio::time::sleep(delay).await;
+                Delivery::Retry(reason) => {
+                    metrics::counter!("spool_delivery_failures_total", "spool" => name)
+                        .increment(1);
+                    tracing::debug!(
+                        spool = name,
+                        seq = entry.seq,
+                        reason,
+                        delay_ms = delay.as_millis() as u64,
+                        "delivery failed; backing off"
+                    );
+                    failure = Some(reason);
+                    break;
                 }
-            }
-            Delivery::Retry(reason) => {
-                metrics::counter!("spool_delivery_failures_total", "spool" => name).increment(1);
-                tracing::debug!(
-                    spool = name,
-                    seq = entry.seq,
-                    reason,
-                    delay_ms = delay.as_millis() as u64,
-                    "delivery failed; backing off"
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.wait() => break,
-                }
-                delay = (delay * 2).min(backoff.max);
             }
         }
+        if since_ack >= 64 {
+            flush(&mut unacked, &mut since_ack);
+        }
+        if failure.is_none() && progressed {
+            delay = backoff.initial;
+            continue;
+        }
+        // A failure, or a callback that attempted nothing: back off before the next try.
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait() => break,
+        }
+        delay = (delay * 2).min(backoff.max);
     }
-    if let Some(seq) = unacked {
-        ack_or_log(&spool, seq);
-    }
+    flush(&mut unacked, &mut since_ack);
 }
 
 fn ack_or_log(spool: &Spool, seq: u64) {
@@ -724,19 +742,27 @@ mod tests {
                     initial: Duration::from_millis(1),
                     max: Duration::from_millis(4),
                 },
-                move |e| {
+                2,
+                move |batch| {
                     let seen = seen.clone();
                     let fails = fails.clone();
                     async move {
-                        if fails.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-                            fails.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                            return Delivery::Retry("down".into());
+                        assert!(batch.len() <= 2);
+                        let mut out = Vec::new();
+                        for e in batch {
+                            if fails.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+                                fails.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                                out.push(Delivery::Retry("down".into()));
+                                break;
+                            }
+                            if e.payload == [3] {
+                                out.push(Delivery::Reject("bad".into()));
+                                continue;
+                            }
+                            seen.lock().unwrap().push(e.payload[0]);
+                            out.push(Delivery::Done);
                         }
-                        if e.payload == [3] {
-                            return Delivery::Reject("bad".into());
-                        }
-                        seen.lock().unwrap().push(e.payload[0]);
-                        Delivery::Done
+                        out
                     }
                 },
             ))

@@ -5,6 +5,10 @@
 //!   `422` for a body that is not a `NewOrder`, `503` + `Retry-After` when the matching queue is
 //!   full or the engine drains.
 //! * `POST /v1/orders/{order_id}/cancel` → `200` `OrderOutcome`.
+//! * `POST /v1/commands` — an array of up to 1024 tagged `domain::Command`s, applied in order
+//!   (the gateway drains its retry queue with it) → `200` with one result per command, in
+//!   order: `{"status": 200, "outcome": ..., "replayed": bool}` or
+//!   `{"status": 409|503, "error": {...}}`.
 //! * `GET /v1/book/{symbol}?depth=N` → the aggregated book, best levels first.
 //! * `GET /v1/state` → last sequence number, journal size, and every book's hash.
 //!
@@ -76,6 +80,7 @@ pub fn routes(matcher: Matcher) -> Router {
     Router::new()
         .route("/v1/orders", post(new_order))
         .route("/v1/orders/{order_id}/cancel", post(cancel))
+        .route("/v1/commands", post(commands))
         .route("/v1/book/{symbol}", get(book))
         .route("/v1/state", get(state))
         .with_state(matcher)
@@ -129,6 +134,45 @@ async fn cancel(
         }))
         .await?,
     )
+}
+
+/// Most commands in one `POST /v1/commands`.
+pub const MAX_BATCH_COMMANDS: usize = 1024;
+
+async fn commands(State(m): State<Matcher>, body: Bytes) -> Result<Response, ApiError> {
+    let commands: Vec<Command> = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "malformed",
+            Some("body"),
+            format!("not an array of commands: {e}"),
+        )
+    })?;
+    if commands.len() > MAX_BATCH_COMMANDS {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "out_of_range",
+            Some("body"),
+            format!(
+                "{} commands; at most {MAX_BATCH_COMMANDS} per request",
+                commands.len()
+            ),
+        ));
+    }
+    let results: Vec<serde_json::Value> = m
+        .commands(commands)
+        .await
+        .into_iter()
+        .map(|r| match r {
+            Ok(Applied::New { outcome, .. }) => json!({"status": 200, "outcome": &*outcome, "replayed": false}),
+            Ok(Applied::Replay(outcome)) => json!({"status": 200, "outcome": &*outcome, "replayed": true}),
+            Ok(Applied::Conflict { field, message }) => {
+                json!({"status": 409, "error": {"code": "conflict", "field": field, "message": message}})
+            }
+            Err(b) => json!({"status": 503, "error": {"code": "unavailable", "field": null, "message": b.to_string()}}),
+        })
+        .collect();
+    Ok(axum::Json(results).into_response())
 }
 
 #[derive(Debug, Deserialize)]

@@ -5,7 +5,7 @@ use kit::config::{
 };
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     pub http: HttpConfig,
@@ -15,6 +15,23 @@ pub struct EngineConfig {
     pub amqp: AmqpConfig,
     pub journal: JournalConfig,
     pub debug: DebugConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            // Room for a batch of queued commands from the gateway (`POST /v1/commands`).
+            http: HttpConfig {
+                body_limit_bytes: 1 << 20,
+                ..HttpConfig::default()
+            },
+            log: LogConfig::default(),
+            data: DataConfig::default(),
+            amqp: AmqpConfig::default(),
+            journal: JournalConfig::default(),
+            debug: DebugConfig::default(),
+        }
+    }
 }
 
 /// `[amqp]`: where events go.

@@ -124,6 +124,40 @@ impl Matcher {
         self.ask(|reply| Request::Command { command, reply }).await
     }
 
+    /// Applies several commands in the given order (each answered once journaled). Commands
+    /// that do not fit in the matching queue are not enqueued and come back as `Busy`, like
+    /// every command after them, so the order of what was applied is preserved.
+    pub async fn commands(&self, commands: Vec<Command>) -> Vec<Result<Applied, Busy>> {
+        let mut waiting = Vec::with_capacity(commands.len());
+        let mut busy = None;
+        for command in commands {
+            if let Some(b) = busy {
+                waiting.push(Err(b));
+                continue;
+            }
+            let (reply, rx) = oneshot::channel();
+            match self.tx.try_send(Request::Command { command, reply }) {
+                Ok(()) => waiting.push(Ok(rx)),
+                Err(e) => {
+                    let b = match e {
+                        mpsc::error::TrySendError::Full(_) => Busy::Full,
+                        mpsc::error::TrySendError::Closed(_) => Busy::Closed,
+                    };
+                    busy = Some(b);
+                    waiting.push(Err(b));
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(waiting.len());
+        for w in waiting {
+            out.push(match w {
+                Ok(rx) => rx.await.map_err(|_| Busy::Closed),
+                Err(b) => Err(b),
+            });
+        }
+        out
+    }
+
     pub async fn book(&self, symbol: String, depth: usize) -> Result<Option<BookView>, Busy> {
         self.ask(|reply| Request::Book {
             symbol,

@@ -1,8 +1,9 @@
 //! The gateway's background work: draining the retry queue into the engine, and probing the
 //! dependencies so `dependency_up` is right even when no order flows.
 //!
-//! Delivery goes through `kit::spool::deliver`: one command at a time, oldest first, so the
-//! engine sees commands in the order the gateway acknowledged them. The engine's `200` is
+//! Delivery goes through `kit::spool::deliver`: up to [`DELIVERY_BATCH`] commands per
+//! `POST /v1/commands`, oldest first, applied by the engine in that order, so the engine sees
+//! commands in the order the gateway acknowledged them. The engine's `200` is
 //! done; `409`/`422` can never succeed and go to the dead-letter file; anything else (no
 //! connection, timeout, 5xx) is retried after a backoff of ~50 ms doubling to 1 s. Redelivery
 //! after a crash is harmless: the engine answers a known `order_id` with its original outcome.
@@ -13,6 +14,10 @@ use std::future::Future;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
+
+/// Most queued commands delivered in one request (the engine takes up to 1024; this keeps a
+/// request well under the engine's 1 MiB body limit).
+pub const DELIVERY_BATCH: usize = 256;
 
 impl Gateway {
     /// Starts delivery and the probes; the returned task ends once `shutdown` triggers and
@@ -26,9 +31,10 @@ impl Gateway {
                     gw.spool().clone(),
                     shutdown.clone(),
                     gw.config().delivery.backoff(),
-                    move |entry| {
+                    DELIVERY_BATCH,
+                    move |entries| {
                         let gw = gw.clone();
-                        async move { gw.deliver(&entry).await }
+                        async move { gw.deliver_batch(entries).await }
                     },
                 )
             };

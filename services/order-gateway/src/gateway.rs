@@ -535,13 +535,46 @@ impl Gateway {
         }
     }
 
-    /// Delivers one spooled command to the engine (the callback of `kit::spool::deliver`).
-    pub async fn deliver(&self, entry: &Entry) -> Delivery {
-        let command = match serde_json::from_slice::<Command>(&entry.payload) {
-            Ok(c) => c,
-            Err(e) => return Delivery::Reject(format!("not a command: {e}")),
-        };
-        match self.inner.engine.send(&command).await {
+    /// Delivers spooled commands to the engine in one request, in order (the callback of
+    /// `kit::spool::deliver`). An entry that is not a command ends the batch and is rejected.
+    pub async fn deliver_batch(&self, entries: Vec<Arc<Entry>>) -> Vec<Delivery> {
+        let mut commands = Vec::with_capacity(entries.len());
+        let mut unreadable = None;
+        for entry in &entries {
+            match serde_json::from_slice::<Command>(&entry.payload) {
+                Ok(c) => commands.push(c),
+                Err(e) => {
+                    unreadable = Some(Delivery::Reject(format!("not a command: {e}")));
+                    break;
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(entries.len());
+        if !commands.is_empty() {
+            match self.inner.engine.send_batch(&commands).await {
+                Ok(answers) => {
+                    for (command, answer) in commands.iter().zip(answers) {
+                        let d = self.settle(command, answer);
+                        let retry = matches!(d, Delivery::Retry(_));
+                        out.push(d);
+                        if retry {
+                            return out;
+                        }
+                    }
+                }
+                Err(e) => {
+                    out.push(Delivery::Retry(e.to_string()));
+                    return out;
+                }
+            }
+        }
+        out.extend(unreadable);
+        out
+    }
+
+    /// What one engine answer to a delivered command means for the retry queue.
+    fn settle(&self, command: &Command, answer: Result<EngineAnswer, CallError>) -> Delivery {
+        match answer {
             Ok(EngineAnswer::Outcome(outcome)) => {
                 if let Command::NewOrder(order) = &command {
                     self.inner.known.dequeued(order.order_id);
@@ -555,7 +588,7 @@ impl Gateway {
                         tracing::warn!(order_id = %order.order_id, original_order_id = %outcome.order_id, client_order_id = %order.client_order_id, "queued order was a retry of an earlier order; the engine kept the original");
                     }
                 }
-                tracing::debug!(seq = entry.seq, order_id = %outcome.order_id, status = outcome.status.as_str(), "queued command delivered");
+                tracing::debug!(order_id = %outcome.order_id, status = outcome.status.as_str(), "queued command delivered");
                 Delivery::Done
             }
             Ok(EngineAnswer::Refused { status, detail }) => {

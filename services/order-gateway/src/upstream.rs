@@ -197,6 +197,7 @@ pub struct EngineClient {
 pub const ROUTE_NEW_ORDER: &str = "POST /v1/orders";
 pub const ROUTE_CANCEL: &str = "POST /v1/orders/{order_id}/cancel";
 pub const ROUTE_BOOK: &str = "GET /v1/book/{symbol}";
+pub const ROUTE_COMMANDS: &str = "POST /v1/commands";
 
 impl EngineClient {
     pub fn new(config: &UpstreamConfig, deps: Readiness) -> Result<EngineClient, reqwest::Error> {
@@ -233,6 +234,55 @@ impl EngineClient {
             Command::NewOrder(order) => self.post_order(order).await,
             Command::Cancel(c) => self.post_cancel(c.order_id).await,
         }
+    }
+
+    /// Sends several commands in one `POST /v1/commands`; the engine applies them in order.
+    /// Returns one answer per command (`Err` for those the engine could not take now), or
+    /// `Err` for the whole call when there was no usable answer.
+    pub async fn send_batch(
+        &self,
+        commands: &[Command],
+    ) -> Result<Vec<Result<EngineAnswer, CallError>>, CallError> {
+        #[derive(serde::Deserialize)]
+        struct Item {
+            status: u16,
+            #[serde(default)]
+            outcome: Option<OrderOutcome>,
+            #[serde(default)]
+            error: Option<ErrorDetail>,
+        }
+        let req = self
+            .up
+            .client
+            .post(self.up.url("/v1/commands"))
+            .json(commands);
+        let (status, body) = self.up.call(ROUTE_COMMANDS, req).await?;
+        if status != StatusCode::OK {
+            return Err(CallError::Status(status.as_u16()));
+        }
+        let items: Vec<Item> = serde_json::from_slice(&body)
+            .map_err(|e| CallError::Protocol(format!("200 without a list of results: {e}")))?;
+        if items.len() != commands.len() {
+            return Err(CallError::Protocol(format!(
+                "{} results for {} commands",
+                items.len(),
+                commands.len()
+            )));
+        }
+        Ok(items
+            .into_iter()
+            .map(|item| match (item.status, item.outcome, item.error) {
+                (200, Some(outcome), _) => Ok(EngineAnswer::Outcome(outcome)),
+                (code @ (409 | 422), _, detail) => {
+                    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::CONFLICT);
+                    Ok(EngineAnswer::Refused {
+                        status,
+                        detail: detail.unwrap_or_else(|| engine_error_detail(status, b"")),
+                    })
+                }
+                (code, _, _) => Err(CallError::Status(code)),
+            })
+            .collect())
     }
 
     async fn post_order(&self, order: &NewOrder) -> Result<(StatusCode, Bytes), CallError> {

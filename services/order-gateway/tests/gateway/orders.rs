@@ -300,7 +300,10 @@ async fn order_ids_are_unique_across_restarts() {
     // Each restart starts a new generation, one more than the last.
     generations.dedup();
     assert_eq!(generations.len(), 3, "{generations:?}");
-    assert!(generations.windows(2).all(|w| w[1] == w[0] + 1), "{generations:?}");
+    assert!(
+        generations.windows(2).all(|w| w[1] == w[0] + 1),
+        "{generations:?}"
+    );
 }
 
 #[tokio::test]

@@ -284,6 +284,7 @@ impl FakeEngine {
         let app = Router::new()
             .route("/v1/orders", post(engine_new_order))
             .route("/v1/orders/{id}/cancel", post(engine_cancel))
+            .route("/v1/commands", post(engine_commands))
             .route("/v1/book/{symbol}", get(engine_book))
             .with_state(state.clone());
         let task = tokio::spawn(async move {
@@ -402,6 +403,44 @@ async fn engine_new_order(State(s): State<Arc<EngineState>>, body: bytes::Bytes)
         .insert(order.order_id, (order.clone(), outcome.clone()));
     s.executed.lock().unwrap().push(Command::NewOrder(order));
     Json(outcome).into_response()
+}
+
+/// `POST /v1/commands`: each command through the single-command handlers, in order.
+async fn engine_commands(State(s): State<Arc<EngineState>>, body: bytes::Bytes) -> Response {
+    if let Some(r) = gate(&s).await {
+        return r;
+    }
+    let commands: Vec<Command> = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({"error": {"code": "malformed", "field": "body", "message": e.to_string()}})),
+            )
+                .into_response();
+        }
+    };
+    let mut results = Vec::new();
+    for command in commands {
+        let resp = match command {
+            Command::NewOrder(o) => {
+                let body = bytes::Bytes::from(serde_json::to_vec(&o).expect("serializes"));
+                engine_new_order(State(s.clone()), body).await
+            }
+            Command::Cancel(c) => engine_cancel(State(s.clone()), Path(c.order_id.0)).await,
+        };
+        let status = resp.status().as_u16();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .expect("in-memory body");
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        results.push(if status == 200 {
+            json!({"status": 200, "outcome": v, "replayed": false})
+        } else {
+            json!({"status": status, "error": v["error"]})
+        });
+    }
+    Json(results).into_response()
 }
 
 async fn engine_cancel(State(s): State<Arc<EngineState>>, Path(id): Path<u64>) -> Response {
