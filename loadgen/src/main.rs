@@ -23,6 +23,49 @@ enum Cmd {
     Run(RunArgs),
     /// Compare a ledger with what the exchange persisted; exit 1 on any loss or violation.
     Audit(AuditArgs),
+    /// Step the rate up until the service level breaks; report the highest sustainable rate.
+    Capacity(CapacityArgs),
+}
+
+#[derive(clap::Args)]
+struct CapacityArgs {
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    target: String,
+    /// First rate tried (orders/s).
+    #[arg(long, default_value_t = 30.0)]
+    start_rate: f64,
+    /// Each step multiplies the rate by this.
+    #[arg(long, default_value_t = 2.0)]
+    factor: f64,
+    /// Stop searching above this rate.
+    #[arg(long, default_value_t = 100_000.0)]
+    max_rate: f64,
+    /// How long each rate is held.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    step: Duration,
+    /// Service level: acknowledged-order p99 at most this.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    max_p99: Duration,
+    /// Service level: error rate at most this (0.01 = 1 %).
+    #[arg(long, default_value_t = 0.01)]
+    max_error_rate: f64,
+    /// The rate headroom is reported against (the demo load).
+    #[arg(long, default_value_t = 30.0)]
+    baseline_rate: f64,
+    /// Bisection steps between the last good and the first bad rate.
+    #[arg(long, default_value_t = 3)]
+    refine: u32,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "AAPL,MSFT,GOOG,AMZN,TSLA"
+    )]
+    symbols: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "target/loadgen/capacity.json")]
+    report: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -94,10 +137,7 @@ async fn main() -> anyhow::Result<()> {
                 (0.0..=1.0).contains(&a.cancel_share),
                 "--cancel-share must be between 0 and 1"
             );
-            let started = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
+            let started = unix_secs();
             let spec = RunSpec {
                 target: a.target,
                 rate_per_sec: a.rate,
@@ -126,14 +166,42 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Capacity(a) => {
+            let spec = loadgen::capacity::CapacitySpec {
+                target: a.target,
+                start_rate: a.start_rate,
+                factor: a.factor,
+                max_rate: a.max_rate,
+                step: a.step,
+                max_p99: a.max_p99,
+                max_error_rate: a.max_error_rate,
+                baseline_rate: a.baseline_rate,
+                refine: a.refine,
+                symbols: a.symbols,
+                seed: a.seed,
+                request_timeout: Duration::from_secs(10),
+                max_in_flight: 20_000,
+                client_id_prefix: format!("cap{}-{}", a.seed, unix_secs()),
+            };
+            let report = loadgen::capacity::search(&spec, |s| {
+                eprintln!(
+                    "  {:>8.0}/s  p99 {:>8.2} ms  errors {:.2}%  {}",
+                    s.rate_per_sec,
+                    s.ack_p99_ms,
+                    s.error_rate * 100.0,
+                    if s.sustained { "ok" } else { "broke" }
+                )
+            })
+            .await?;
+            print!("{}", report.table());
+            write_json(&a.report, &report)?;
+            println!("  report: {}", a.report.display());
+            Ok(())
+        }
         Cmd::Audit(a) => {
             let report = loadgen::audit::audit(&a.ledger, &a.database, a.deadline).await?;
             print!("{}", report.table());
-            if let Some(dir) = a.report.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).ok();
-            }
-            std::fs::write(&a.report, serde_json::to_string_pretty(&report)? + "\n")
-                .with_context(|| format!("writing {}", a.report.display()))?;
+            write_json(&a.report, &report)?;
             println!("  report: {}", a.report.display());
             if !report.passed {
                 std::process::exit(1);
@@ -141,4 +209,19 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
 }

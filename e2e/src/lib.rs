@@ -1,0 +1,132 @@
+//! The end-to-end harness: a whole lab (real PostgreSQL, RabbitMQ and the three services) on
+//! free ports in a folder under `target/e2e/`, and helpers to talk to it.
+//!
+//! The services' binaries come from the `target/<profile>` folder this test binary was built
+//! into; `make test` builds them (`cargo build --workspace --bins`) before running tests.
+
+use anyhow::{Context, bail};
+use lab::{Component, Lab, LabConfig};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The folder holding this test binary's sibling binaries (`target/debug`).
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the test binary")?;
+    // target/debug/deps/e2e-xxxx → target/debug
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test binary has no grandparent folder")?
+        .to_owned();
+    for bin in ["matching-engine", "persistence", "order-gateway"] {
+        if !dir.join(bin).is_file() {
+            bail!(
+                "{} is missing: build the services first (`cargo build --workspace --bins`, which `make test` does)",
+                dir.join(bin).display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// A fresh lab root under `target/e2e/`, readable by the `postgres` user (it runs the cluster
+/// when we are root).
+pub fn lab_root(name: &str) -> anyhow::Result<PathBuf> {
+    let target = bin_dir()?.parent().context("no target folder")?.to_owned();
+    let root = target.join("e2e").join(format!("{name}-{}", std::process::id()));
+    if root.exists() {
+        std::fs::remove_dir_all(&root).with_context(|| format!("clearing {}", root.display()))?;
+    }
+    std::fs::create_dir_all(&root)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for dir in [root.as_path(), root.parent().unwrap_or(&root)] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    Ok(root)
+}
+
+/// Starts the exchange (PostgreSQL, RabbitMQ, engine, persistence, gateway) on free ports.
+pub async fn start_exchange(name: &str) -> anyhow::Result<Lab> {
+    let config = LabConfig::ephemeral(lab_root(name)?, [Component::OrderGateway])?.with_bin_dir(bin_dir()?);
+    let started = Instant::now();
+    let lab = Lab::start(config).await.context("starting the lab")?;
+    eprintln!("lab up in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(lab)
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or fails after `deadline` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if start.elapsed() > deadline {
+            bail!("{what}: not true after {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A small JSON-over-HTTP client.
+#[derive(Debug, Clone)]
+pub struct Http {
+    client: reqwest::Client,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http::new()
+    }
+}
+
+impl Http {
+    pub fn new() -> Http {
+        Http {
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("a default reqwest client builds"),
+        }
+    }
+
+    pub async fn get(&self, url: &str) -> anyhow::Result<(u16, Value)> {
+        let r = self.client.get(url).send().await.with_context(|| format!("GET {url}"))?;
+        let code = r.status().as_u16();
+        Ok((code, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    pub async fn post(&self, url: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let r = self.client.post(url).json(body).send().await.with_context(|| format!("POST {url}"))?;
+        let code = r.status().as_u16();
+        Ok((code, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// POST raw bytes with a content type.
+    pub async fn post_raw(&self, url: &str, body: Vec<u8>) -> anyhow::Result<(u16, Value)> {
+        let r = self
+            .client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let code = r.status().as_u16();
+        Ok((code, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    pub async fn delete(&self, url: &str) -> anyhow::Result<(u16, Value)> {
+        let r = self.client.delete(url).send().await.with_context(|| format!("DELETE {url}"))?;
+        let code = r.status().as_u16();
+        Ok((code, r.json().await.unwrap_or(Value::Null)))
+    }
+}
