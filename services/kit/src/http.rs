@@ -66,11 +66,34 @@ pub fn with_standard_layers(router: Router, http: &HttpConfig) -> Router {
     router
         .route_layer(middleware::from_fn(red_metrics))
         .layer(RequestBodyLimitLayer::new(http.body_limit_bytes))
+        .layer(middleware::from_fn_with_state(http.body_limit_bytes, drain_oversized))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_millis(http.request_timeout_ms),
         ))
         .layer(TraceLayer::new_for_http())
+}
+
+/// Most bytes of an oversized body read (and thrown away) before answering 413.
+const DRAIN_MAX_BYTES: usize = 8 << 20;
+
+/// Answers a request whose `Content-Length` exceeds the limit with a bare 413 (services turn it
+/// into their JSON error), but only after reading and discarding the body, up to
+/// [`DRAIN_MAX_BYTES`]: closing a socket with unread data makes the kernel send a reset, and
+/// the client would see "connection reset" instead of the answer.
+async fn drain_oversized(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit as u64 => {
+            let drain = axum::body::to_bytes(req.into_body(), DRAIN_MAX_BYTES);
+            let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+            StatusCode::PAYLOAD_TOO_LARGE.into_response()
+        }
+        _ => next.run(req).await,
+    }
 }
 
 async fn red_metrics(req: Request, next: Next) -> Response {
