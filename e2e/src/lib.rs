@@ -34,7 +34,9 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
 /// when we are root).
 pub fn lab_root(name: &str) -> anyhow::Result<PathBuf> {
     let target = bin_dir()?.parent().context("no target folder")?.to_owned();
-    let root = target.join("e2e").join(format!("{name}-{}", std::process::id()));
+    let root = target
+        .join("e2e")
+        .join(format!("{name}-{}", std::process::id()));
     if root.exists() {
         std::fs::remove_dir_all(&root).with_context(|| format!("clearing {}", root.display()))?;
     }
@@ -51,7 +53,8 @@ pub fn lab_root(name: &str) -> anyhow::Result<PathBuf> {
 
 /// Starts the exchange (PostgreSQL, RabbitMQ, engine, persistence, gateway) on free ports.
 pub async fn start_exchange(name: &str) -> anyhow::Result<Lab> {
-    let config = LabConfig::ephemeral(lab_root(name)?, [Component::OrderGateway])?.with_bin_dir(bin_dir()?);
+    let config =
+        LabConfig::ephemeral(lab_root(name)?, [Component::OrderGateway])?.with_bin_dir(bin_dir()?);
     let started = Instant::now();
     let lab = Lab::start(config).await.context("starting the lab")?;
     eprintln!("lab up in {:.1} s", started.elapsed().as_secs_f64());
@@ -59,7 +62,11 @@ pub async fn start_exchange(name: &str) -> anyhow::Result<Lab> {
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, or fails after `deadline` naming `what`.
-pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> anyhow::Result<T>
+pub async fn eventually<T, F, Fut>(
+    what: &str,
+    deadline: Duration,
+    mut check: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -99,13 +106,24 @@ impl Http {
     }
 
     pub async fn get(&self, url: &str) -> anyhow::Result<(u16, Value)> {
-        let r = self.client.get(url).send().await.with_context(|| format!("GET {url}"))?;
+        let r = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
         let code = r.status().as_u16();
         Ok((code, r.json().await.unwrap_or(Value::Null)))
     }
 
     pub async fn post(&self, url: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
-        let r = self.client.post(url).json(body).send().await.with_context(|| format!("POST {url}"))?;
+        let r = self
+            .client
+            .post(url)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
         let code = r.status().as_u16();
         Ok((code, r.json().await.unwrap_or(Value::Null)))
     }
@@ -125,7 +143,12 @@ impl Http {
     }
 
     pub async fn delete(&self, url: &str) -> anyhow::Result<(u16, Value)> {
-        let r = self.client.delete(url).send().await.with_context(|| format!("DELETE {url}"))?;
+        let r = self
+            .client
+            .delete(url)
+            .send()
+            .await
+            .with_context(|| format!("DELETE {url}"))?;
         let code = r.status().as_u16();
         Ok((code, r.json().await.unwrap_or(Value::Null)))
     }

@@ -32,7 +32,13 @@ impl Ctx {
             duration: Duration::from_secs_f64(secs),
             flow: FlowSpec {
                 seed,
-                symbols: vec!["AAPL".into(), "MSFT".into(), "GOOG".into(), "AMZN".into(), "IDX".into()],
+                symbols: vec![
+                    "AAPL".into(),
+                    "MSFT".into(),
+                    "GOOG".into(),
+                    "AMZN".into(),
+                    "IDX".into(),
+                ],
                 cancel_share: 0.1,
                 accounts: 20,
                 client_id_prefix: format!("e2e-{name}"),
@@ -59,7 +65,11 @@ impl Ctx {
     }
 
     async fn engine_state(&self) -> Value {
-        let (code, body) = self.http.get(&format!("{}/v1/state", self.engine)).await.expect("engine state");
+        let (code, body) = self
+            .http
+            .get(&format!("{}/v1/state", self.engine))
+            .await
+            .expect("engine state");
         assert_eq!(code, 200, "{body}");
         body
     }
@@ -108,18 +118,24 @@ async fn the_exchange_end_to_end() {
     assert!(pids.len() >= 5, "{pids:?}");
     ctx.lab.shutdown().await.expect("shutdown");
     for pid in pids {
-        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "pid {pid} survived lab shutdown");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} survived lab shutdown"
+        );
     }
 }
 
 async fn happy_path(ctx: &Ctx) {
     eprintln!("== happy path: 10,000 orders over 5 symbols at 1,000/s");
     let started = Instant::now();
-    let s = loadgen::run::run(ctx.load("happy", 1000.0, 10.0, 1), std::future::pending()).await.unwrap();
+    let s = loadgen::run::run(ctx.load("happy", 1000.0, 10.0, 1), std::future::pending())
+        .await
+        .unwrap();
     eprint!("{}", s.table());
     assert_eq!(s.sent, 10_000, "{}", s.table());
     assert_eq!(s.error_rate, 0.0, "{}", s.table());
-    let acked = s.outcomes.get("accepted").copied().unwrap_or(0) + s.outcomes.get("queued").copied().unwrap_or(0);
+    let acked = s.outcomes.get("accepted").copied().unwrap_or(0)
+        + s.outcomes.get("queued").copied().unwrap_or(0);
     let r = ctx.audit("happy").await;
     eprintln!(
         "happy path: {} orders acknowledged, {:.0} orders/s sustained, persisted and audited in {:.1} s",
@@ -127,7 +143,11 @@ async fn happy_path(ctx: &Ctx) {
         s.achieved_rate_per_sec,
         started.elapsed().as_secs_f64()
     );
-    assert!(r.acknowledged >= 9_000, "most orders are new orders: {}", r.acknowledged);
+    assert!(
+        r.acknowledged >= 9_000,
+        "most orders are new orders: {}",
+        r.acknowledged
+    );
 }
 
 async fn idempotency(ctx: &Ctx) {
@@ -146,8 +166,13 @@ async fn idempotency(ctx: &Ctx) {
     // Persisted once.
     let id = a1["order_id"].as_u64().unwrap();
     let got = eventually("idem-1 persisted", Duration::from_secs(20), || async {
-        let (code, body) = ctx.http.get(&format!("{}/v1/orders/{id}", ctx.gateway)).await.ok()?;
-        (code == 200 && body["client_order_id"] == "idem-1" && body.get("source").is_none()).then_some(body)
+        let (code, body) = ctx
+            .http
+            .get(&format!("{}/v1/orders/{id}", ctx.gateway))
+            .await
+            .ok()?;
+        (code == 200 && body["client_order_id"] == "idem-1" && body.get("source").is_none())
+            .then_some(body)
     })
     .await
     .unwrap();
@@ -171,27 +196,90 @@ async fn bad_input(ctx: &Ctx) {
     let table: Vec<(&str, Vec<u8>, &str)> = vec![
         ("not json", b"{not json".to_vec(), "body"),
         ("array", b"[1,2]".to_vec(), "body"),
-        ("oversized", format!("{{\"x\":\"{}\"}}", "a".repeat(200_000)).into_bytes(), "body"),
-        ("unknown symbol", with("symbol", json!("ZZZZ")).to_string().into_bytes(), "symbol"),
-        ("off tick grid", with("price", json!("101.255")).to_string().into_bytes(), "price"),
-        ("zero quantity", with("quantity", json!(0)).to_string().into_bytes(), "quantity"),
-        ("negative quantity", with("quantity", json!(-5)).to_string().into_bytes(), "quantity"),
-        ("fractional quantity", with("quantity", json!(1.5)).to_string().into_bytes(), "quantity"),
-        ("quantity as string", with("quantity", json!("10")).to_string().into_bytes(), "quantity"),
-        ("missing side", without("side").to_string().into_bytes(), "side"),
-        ("missing client id", without("client_order_id").to_string().into_bytes(), "client_order_id"),
-        ("bad side", with("side", json!("hold")).to_string().into_bytes(), "side"),
-        ("price as number", with("price", json!(101.25)).to_string().into_bytes(), "price"),
-        ("unknown field", with("qty", json!(1)).to_string().into_bytes(), "qty"),
-        ("bad tif", with("time_in_force", json!("day")).to_string().into_bytes(), "time_in_force"),
+        (
+            "oversized",
+            format!("{{\"x\":\"{}\"}}", "a".repeat(200_000)).into_bytes(),
+            "body",
+        ),
+        (
+            "unknown symbol",
+            with("symbol", json!("ZZZZ")).to_string().into_bytes(),
+            "symbol",
+        ),
+        (
+            "off tick grid",
+            with("price", json!("101.255")).to_string().into_bytes(),
+            "price",
+        ),
+        (
+            "zero quantity",
+            with("quantity", json!(0)).to_string().into_bytes(),
+            "quantity",
+        ),
+        (
+            "negative quantity",
+            with("quantity", json!(-5)).to_string().into_bytes(),
+            "quantity",
+        ),
+        (
+            "fractional quantity",
+            with("quantity", json!(1.5)).to_string().into_bytes(),
+            "quantity",
+        ),
+        (
+            "quantity as string",
+            with("quantity", json!("10")).to_string().into_bytes(),
+            "quantity",
+        ),
+        (
+            "missing side",
+            without("side").to_string().into_bytes(),
+            "side",
+        ),
+        (
+            "missing client id",
+            without("client_order_id").to_string().into_bytes(),
+            "client_order_id",
+        ),
+        (
+            "bad side",
+            with("side", json!("hold")).to_string().into_bytes(),
+            "side",
+        ),
+        (
+            "price as number",
+            with("price", json!(101.25)).to_string().into_bytes(),
+            "price",
+        ),
+        (
+            "unknown field",
+            with("qty", json!(1)).to_string().into_bytes(),
+            "qty",
+        ),
+        (
+            "bad tif",
+            with("time_in_force", json!("day")).to_string().into_bytes(),
+            "time_in_force",
+        ),
     ];
     for (name, body, field) in table {
         let (code, answer) = ctx.http.post_raw(&url, body).await.unwrap();
-        assert!((400..500).contains(&code), "{name}: answered {code} {answer}");
+        assert!(
+            (400..500).contains(&code),
+            "{name}: answered {code} {answer}"
+        );
         assert_eq!(answer["error"]["field"], field, "{name}: {answer}");
     }
-    let (code, answer) = ctx.http.delete(&format!("{}/v1/orders/abc", ctx.gateway)).await.unwrap();
-    assert_eq!((code, answer["error"]["field"].as_str()), (400, Some("order_id")), "{answer}");
+    let (code, answer) = ctx
+        .http
+        .delete(&format!("{}/v1/orders/abc", ctx.gateway))
+        .await
+        .unwrap();
+    assert_eq!(
+        (code, answer["error"]["field"].as_str()),
+        (400, Some("order_id")),
+        "{answer}"
+    );
 }
 
 fn book_hashes(state: &Value) -> Vec<(String, String)> {
@@ -199,15 +287,24 @@ fn book_hashes(state: &Value) -> Vec<(String, String)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|b| (b["symbol"].as_str().unwrap().to_owned(), b["hash"].as_str().unwrap().to_owned()))
+        .map(|b| {
+            (
+                b["symbol"].as_str().unwrap().to_owned(),
+                b["hash"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect()
 }
 
 async fn wait_engine_back(ctx: &Ctx, old_pid: Option<i32>) {
-    eventually("engine restarted and ready", Duration::from_secs(60), || async {
-        let c = ctx.lab.component(Component::MatchingEngine).ok()?;
-        (c.pid.is_some() && c.pid != old_pid && c.status == lab::Status::Ready).then_some(())
-    })
+    eventually(
+        "engine restarted and ready",
+        Duration::from_secs(60),
+        || async {
+            let c = ctx.lab.component(Component::MatchingEngine).ok()?;
+            (c.pid.is_some() && c.pid != old_pid && c.status == lab::Status::Ready).then_some(())
+        },
+    )
     .await
     .unwrap();
 }
@@ -225,22 +322,36 @@ async fn engine_killed_mid_stream(ctx: &Ctx) {
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    ctx.lab.kill(Component::MatchingEngine, Signal::SIGKILL).unwrap();
+    ctx.lab
+        .kill(Component::MatchingEngine, Signal::SIGKILL)
+        .unwrap();
     wait_engine_back(ctx, engine_pid).await;
     let s = load.await.unwrap().unwrap();
     eprint!("{}", s.table());
-    assert_eq!(s.error_rate, 0.0, "the gateway queued what the engine could not take: {}", s.table());
+    assert_eq!(
+        s.error_rate,
+        0.0,
+        "the gateway queued what the engine could not take: {}",
+        s.table()
+    );
     ctx.audit("kill").await;
 
     eprintln!("== book hashes survive a SIGKILL and replay");
     let before = ctx.engine_state().await;
     let engine_pid = ctx.lab.pid(Component::MatchingEngine);
-    ctx.lab.kill(Component::MatchingEngine, Signal::SIGKILL).unwrap();
+    ctx.lab
+        .kill(Component::MatchingEngine, Signal::SIGKILL)
+        .unwrap();
     wait_engine_back(ctx, engine_pid).await;
     let after = ctx.engine_state().await;
     assert_eq!(before["last_seq"], after["last_seq"]);
     assert_eq!(book_hashes(&before), book_hashes(&after));
-    assert!(book_hashes(&after).iter().any(|(_, h)| h != "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"), "some book is not empty");
+    assert!(
+        book_hashes(&after)
+            .iter()
+            .any(|(_, h)| h != "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
+        "some book is not empty"
+    );
 }
 
 async fn engine_stopped_then_restarted(ctx: &Ctx) {
@@ -250,18 +361,34 @@ async fn engine_stopped_then_restarted(ctx: &Ctx) {
     let mut ids = Vec::new();
     for i in 0..50 {
         let price = format!("{}.00", 50 + i % 7);
-        let (code, body) = ctx.http.post(&url, &order(&format!("queued-{i}"), "buy", Some(&price), 3)).await.unwrap();
+        let (code, body) = ctx
+            .http
+            .post(&url, &order(&format!("queued-{i}"), "buy", Some(&price), 3))
+            .await
+            .unwrap();
         assert_eq!(code, 202, "{body}");
         assert_eq!(body["status"], "queued");
         ids.push(body["order_id"].as_u64().unwrap());
     }
-    ctx.lab.start_component(Component::MatchingEngine).await.unwrap();
+    ctx.lab
+        .start_component(Component::MatchingEngine)
+        .await
+        .unwrap();
     // Every one persisted, and the engine accepted them in the order the gateway queued them.
     for id in &ids {
-        let body = eventually("queued order persisted", Duration::from_secs(60), || async {
-            let (code, body) = ctx.http.get(&format!("{}/v1/orders/{id}", ctx.gateway)).await.ok()?;
-            (code == 200 && body.get("source").is_none() && body["status"] != "queued").then_some(body)
-        })
+        let body = eventually(
+            "queued order persisted",
+            Duration::from_secs(60),
+            || async {
+                let (code, body) = ctx
+                    .http
+                    .get(&format!("{}/v1/orders/{id}", ctx.gateway))
+                    .await
+                    .ok()?;
+                (code == 200 && body.get("source").is_none() && body["status"] != "queued")
+                    .then_some(body)
+            },
+        )
         .await
         .unwrap();
         assert_eq!(body["status"], "new", "{body}");
@@ -274,14 +401,23 @@ async fn engine_stopped_then_restarted(ctx: &Ctx) {
     .await
     .unwrap();
     let accepted: Vec<u64> = accepted.into_iter().map(|(id,)| id as u64).collect();
-    assert_eq!(accepted, ids, "the engine accepted the queued orders in the order they were queued");
+    assert_eq!(
+        accepted, ids,
+        "the engine accepted the queued orders in the order they were queued"
+    );
     pool.close().await;
 }
 
 async fn broker_and_database_outages(ctx: &Ctx) {
-    for (component, name) in [(Component::Rabbitmq, "broker"), (Component::Postgres, "database")] {
+    for (component, name) in [
+        (Component::Rabbitmq, "broker"),
+        (Component::Postgres, "database"),
+    ] {
         eprintln!("== {name} stopped and restarted under load: orders keep being accepted");
-        let load = tokio::spawn(loadgen::run::run(ctx.load(name, 100.0, 8.0, 3), std::future::pending()));
+        let load = tokio::spawn(loadgen::run::run(
+            ctx.load(name, 100.0, 8.0, 3),
+            std::future::pending(),
+        ));
         tokio::time::sleep(Duration::from_secs(2)).await;
         ctx.lab.stop(component).await.unwrap();
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -289,7 +425,12 @@ async fn broker_and_database_outages(ctx: &Ctx) {
         let s = load.await.unwrap().unwrap();
         eprint!("{}", s.table());
         assert_eq!(s.error_rate, 0.0, "{}", s.table());
-        assert_eq!(s.outcomes.get("queued"), None, "the engine answered throughout: {}", s.table());
+        assert_eq!(
+            s.outcomes.get("queued"),
+            None,
+            "the engine answered throughout: {}",
+            s.table()
+        );
         ctx.audit(name).await;
     }
 }

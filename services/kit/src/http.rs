@@ -66,7 +66,10 @@ pub fn with_standard_layers(router: Router, http: &HttpConfig) -> Router {
     router
         .route_layer(middleware::from_fn(red_metrics))
         .layer(RequestBodyLimitLayer::new(http.body_limit_bytes))
-        .layer(middleware::from_fn_with_state(http.body_limit_bytes, drain_oversized))
+        .layer(middleware::from_fn_with_state(
+            http.body_limit_bytes,
+            drain_oversized,
+        ))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_millis(http.request_timeout_ms),

@@ -1,0 +1,627 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+/* The eBPF side of the probes agent: tracepoint programs only (this kernel has no kprobes).
+ *
+ * Programs, grouped as the agent attaches them:
+ *   tcp_retransmit  tcp:tcp_retransmit_skb  -> `retrans` (count per flow and state)
+ *   tcp_lifecycle   sock:inet_sock_set_state, tcp:tcp_receive_reset, tcp:tcp_send_reset
+ *                                           -> `events` ring (connects, failures, resets, closes)
+ *   runqueue        sched:sched_wakeup, sched_wakeup_new, sched_switch
+ *                                           -> `runq` (log2 histogram + switches per component)
+ *   block_io        block:block_rq_issue / block_rq_complete -> `blk` (log2 histogram per dev, op)
+ *   oom             oom:mark_victim         -> `events` ring
+ *
+ * Cost is bounded: every map has a fixed size (LRU where stale entries can pile up), the ring
+ * buffer drops (and counts) when full, and the scheduler programs do a single hash lookup for
+ * tasks outside the lab unless the agent asked to track everything.
+ */
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "tracepoints.h"
+#include "shared.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+
+#define TCP_ESTABLISHED 1
+#define TCP_SYN_SENT 2
+#define TCP_SYN_RECV 3
+#define TCP_CLOSE 7
+
+/* sched_switch prev_state: bits below TASK_REPORT_MAX (0x100) are sleep states; none set means
+ * the task was still runnable (preempted or yielded): an involuntary switch. */
+#define TASK_STATE_MASK 0xff
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
+
+/* The one kernel-internal struct the programs look into, relocated against the kernel's BTF at
+ * load time (CO-RE): sk_buff.cb, where TCP keeps its control block. Its first fields (seq,
+ * end_seq, then tcp_gso_segs) have had the same layout since Linux 3.18. */
+struct sk_buff {
+	char cb[48];
+} __attribute__((preserve_access_index));
+#define TCP_SKB_CB_GSO_SEGS 8
+
+/* Early exits of __tcp_retransmit_skb that fire the tracepoint without counting RetransSegs. */
+#define EAGAIN 11
+#define ENOMEM 12
+#define EBUSY 16
+#define EINVAL 22
+#define EHOSTUNREACH 113
+
+/* Set by the agent at load time from the format file: tcp_retransmit_skb has an `err` field
+ * (6.x) and the program counts only successful retransmits, as RetransSegs does. */
+const volatile __u32 retrans_has_err = 1;
+/* Set by the agent: kernel BTF exists, so the sk_buff access below was relocated and the
+ * segment count can be read; without it each retransmitted skb counts as one segment. */
+const volatile __u32 have_btf = 1;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct settings);
+} settings SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, CTR_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+/* tid -> component index, filled by the agent from the lab state; children inherit it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u32);
+} tracked SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u64);
+} runq_start SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_COMPONENTS);
+	__type(key, __u32);
+	__type(value, struct runq_val);
+} runq SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct flow_key);
+	__type(value, struct retrans_val);
+} retrans SEC(".maps");
+
+struct sock_info {
+	__u64 start_ns;
+	__u64 established_ns;
+	__u32 tgid;
+	__u32 pid;
+	char comm[16];
+};
+
+/* struct sock * -> who opened it and when; kernel-private. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct sock_info);
+} socks SEC(".maps");
+
+struct blk_start_key {
+	__u32 dev;
+	__u32 pad;
+	__u64 sector;
+};
+
+struct blk_start_val {
+	__u64 ts;
+	__u32 bytes;
+	__u32 op;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct blk_start_key);
+	__type(value, struct blk_start_val);
+} blk_start SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 512);
+	__type(key, struct blk_key);
+	__type(value, struct blk_val);
+} blk SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+static __always_inline void count(__u32 slot)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &slot);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline __u32 log2_slot(__u64 v)
+{
+	__u32 r = 0;
+	if (v >> 32) { v >>= 32; r += 32; }
+	if (v >> 16) { v >>= 16; r += 16; }
+	if (v >> 8) { v >>= 8; r += 8; }
+	if (v >> 4) { v >>= 4; r += 4; }
+	if (v >> 2) { v >>= 2; r += 2; }
+	if (v >> 1) { r += 1; }
+	if (r >= HIST_SLOTS)
+		r = HIST_SLOTS - 1;
+	return r;
+}
+
+static __always_inline void copy16(__u8 *dst, const __u8 *src)
+{
+#pragma unroll
+	for (int i = 0; i < 16; i++)
+		dst[i] = src[i];
+}
+
+static __always_inline void copy4(__u8 *dst, const __u8 *src)
+{
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		dst[i] = src[i];
+}
+
+static __always_inline struct event *reserve(__u32 kind)
+{
+	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(CTR_RINGBUF_FULL);
+		return 0;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->kind = kind;
+	e->ts_ns = bpf_ktime_get_ns();
+	return e;
+}
+
+/* ---------------------------------------------------------------- tcp_retransmit */
+
+SEC("tracepoint/tcp/tcp_retransmit_skb")
+int tcp_retransmit_skb(struct tp_tcp_retransmit_skb *ctx)
+{
+	/* Since 6.10 the tracepoint also fires for attempts that gave up before sending; count
+	 * what the kernel counts in RetransSegs: segments of attempts that reached the device
+	 * path (a failed transmit still counts there, and in TCPRetransFail). */
+	if (retrans_has_err) {
+		int err = ctx->err;
+		if (err == -EBUSY || err == -EAGAIN || err == -ENOMEM || err == -EINVAL ||
+		    err == -EHOSTUNREACH)
+			return 0;
+	}
+	/* Work on a stack copy: the address arrays are copied byte by byte, and the verifier
+	 * rejects reads through a ctx pointer the compiler has advanced in a loop. */
+	struct tp_tcp_retransmit_skb c;
+	if (bpf_probe_read_kernel(&c, sizeof(c), ctx))
+		return 0;
+	struct flow_key key = {};
+	key.family = c.family;
+	key.sport = c.sport;
+	key.dport = c.dport;
+	key.state = (__u8)c.state;
+	if (c.family == AF_INET6) {
+		copy16(key.saddr, c.saddr_v6);
+		copy16(key.daddr, c.daddr_v6);
+	} else {
+		copy4(key.saddr, c.saddr);
+		copy4(key.daddr, c.daddr);
+	}
+	__u64 now = bpf_ktime_get_ns();
+	struct retrans_val *v = bpf_map_lookup_elem(&retrans, &key);
+	if (!v) {
+		struct retrans_val init = {};
+		__u64 sk = c.skaddr;
+		struct sock_info *si = bpf_map_lookup_elem(&socks, &sk);
+		if (si)
+			init.tgid = si->tgid;
+		bpf_map_update_elem(&retrans, &key, &init, BPF_NOEXIST);
+		v = bpf_map_lookup_elem(&retrans, &key);
+		if (!v) {
+			count(CTR_MAP_FULL);
+			return 0;
+		}
+	}
+	/* A retransmitted skb can carry several segments (GSO); RetransSegs counts segments. */
+	struct sk_buff *skb = (struct sk_buff *)c.skbaddr;
+	__u16 segs = 0;
+	if (have_btf)
+		bpf_probe_read_kernel(&segs, sizeof(segs), &skb->cb[TCP_SKB_CB_GSO_SEGS]);
+	__sync_fetch_and_add(&v->count, segs ? segs : 1);
+	v->last_ns = now;
+	return 0;
+}
+
+/* ---------------------------------------------------------------- tcp_lifecycle */
+
+static __always_inline void fill_tuple_v(struct event *e, __u16 family, const __u8 *s4,
+					 const __u8 *d4, const __u8 *s6, const __u8 *d6)
+{
+	e->family = family;
+	if (family == AF_INET6) {
+		copy16(e->saddr, s6);
+		copy16(e->daddr, d6);
+	} else {
+		copy4(e->saddr, s4);
+		copy4(e->daddr, d4);
+	}
+}
+
+static __always_inline void from_sock_info(struct event *e, struct sock_info *si)
+{
+	e->tgid = si->tgid;
+	e->pid = si->pid;
+	__builtin_memcpy(e->comm, si->comm, sizeof(e->comm));
+}
+
+SEC("tracepoint/sock/inet_sock_set_state")
+int inet_sock_set_state(struct tp_inet_sock_set_state *tp)
+{
+	if (tp->protocol != IPPROTO_TCP)
+		return 0;
+	struct tp_inet_sock_set_state c;
+	if (bpf_probe_read_kernel(&c, sizeof(c), tp))
+		return 0;
+	struct tp_inet_sock_set_state *ctx = &c;
+	__u64 sk = ctx->skaddr;
+	int old = ctx->oldstate;
+	int new = ctx->newstate;
+	__u64 now = bpf_ktime_get_ns();
+	struct event *e;
+
+	if (new == TCP_SYN_SENT) {
+		/* connect(): runs in the connecting task, so the pid is meaningful here (and only
+		 * here: SYN-ACKs, timeouts and resets arrive in softirq context). The local port
+		 * is not assigned yet. */
+		struct sock_info si = {};
+		__u64 id = bpf_get_current_pid_tgid();
+		si.start_ns = now;
+		si.tgid = id >> 32;
+		si.pid = (__u32)id;
+		bpf_get_current_comm(si.comm, sizeof(si.comm));
+		if (bpf_map_update_elem(&socks, &sk, &si, BPF_ANY))
+			count(CTR_MAP_FULL);
+		e = reserve(EV_CONNECT);
+		if (!e)
+			return 0;
+		from_sock_info(e, &si);
+	} else if (new == TCP_SYN_RECV) {
+		struct sock_info si = {};
+		si.start_ns = now;
+		bpf_map_update_elem(&socks, &sk, &si, BPF_ANY);
+		return 0;
+	} else if (new == TCP_ESTABLISHED) {
+		struct sock_info *si = bpf_map_lookup_elem(&socks, &sk);
+		if (!si) {
+			struct sock_info fresh = {};
+			fresh.start_ns = now;
+			fresh.established_ns = now;
+			bpf_map_update_elem(&socks, &sk, &fresh, BPF_ANY);
+			return 0;
+		}
+		si->established_ns = now;
+		if (old != TCP_SYN_SENT)
+			return 0;
+		e = reserve(EV_ESTABLISHED);
+		if (!e)
+			return 0;
+		from_sock_info(e, si);
+		e->duration_ns = now - si->start_ns;
+	} else if (new == TCP_CLOSE) {
+		struct sock_info *si = bpf_map_lookup_elem(&socks, &sk);
+		if (old == TCP_SYN_SENT) {
+			e = reserve(EV_CONNECT_FAILED);
+			if (!e)
+				goto forget;
+			if (si) {
+				from_sock_info(e, si);
+				e->duration_ns = now - si->start_ns;
+			}
+		} else if (si && si->established_ns) {
+			e = reserve(EV_CLOSED);
+			if (!e)
+				goto forget;
+			from_sock_info(e, si);
+			e->duration_ns = now - si->established_ns;
+		} else {
+			goto forget;
+		}
+		fill_tuple_v(e, ctx->family, ctx->saddr, ctx->daddr, ctx->saddr_v6, ctx->daddr_v6);
+		e->sport = ctx->sport;
+		e->dport = ctx->dport;
+		e->oldstate = (__u8)old;
+		e->newstate = (__u8)new;
+		bpf_ringbuf_submit(e, 0);
+	forget:
+		bpf_map_delete_elem(&socks, &sk);
+		return 0;
+	} else {
+		return 0;
+	}
+	fill_tuple_v(e, ctx->family, ctx->saddr, ctx->daddr, ctx->saddr_v6, ctx->daddr_v6);
+	e->sport = ctx->sport;
+	e->dport = ctx->dport;
+	e->oldstate = (__u8)old;
+	e->newstate = (__u8)new;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tracepoint/tcp/tcp_receive_reset")
+int tcp_receive_reset(struct tp_tcp_receive_reset *tp)
+{
+	struct tp_tcp_receive_reset c;
+	if (bpf_probe_read_kernel(&c, sizeof(c), tp))
+		return 0;
+	struct tp_tcp_receive_reset *ctx = &c;
+	struct event *e = reserve(EV_RESET_RX);
+	if (!e)
+		return 0;
+	__u64 sk = ctx->skaddr;
+	struct sock_info *si = bpf_map_lookup_elem(&socks, &sk);
+	if (si)
+		from_sock_info(e, si);
+	fill_tuple_v(e, ctx->family, ctx->saddr, ctx->daddr, ctx->saddr_v6, ctx->daddr_v6);
+	e->sport = ctx->sport;
+	e->dport = ctx->dport;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* sockaddr_in / sockaddr_in6: family (host order), port (network order), then the address
+ * at offset 4 (in) or 8 (in6). */
+static __always_inline void from_sockaddr(const __u8 *sa, __u8 *addr, __u16 *port, __u16 *family)
+{
+	__u16 fam = sa[0] | (sa[1] << 8);
+	*family = fam;
+	*port = (sa[2] << 8) | sa[3];
+	if (fam == AF_INET6)
+		copy16(addr, sa + 8);
+	else
+		copy4(addr, sa + 4);
+}
+
+SEC("tracepoint/tcp/tcp_send_reset")
+int tcp_send_reset(struct tp_tcp_send_reset *tp)
+{
+	struct tp_tcp_send_reset c;
+	if (bpf_probe_read_kernel(&c, sizeof(c), tp))
+		return 0;
+	struct tp_tcp_send_reset *ctx = &c;
+	struct event *e = reserve(EV_RESET_TX);
+	if (!e)
+		return 0;
+	__u64 sk = ctx->skaddr;
+	if (sk) {
+		struct sock_info *si = bpf_map_lookup_elem(&socks, &sk);
+		if (si)
+			from_sock_info(e, si);
+	}
+	__u16 fam2 = 0;
+	from_sockaddr(ctx->saddr, e->saddr, &e->sport, &e->family);
+	from_sockaddr(ctx->daddr, e->daddr, &e->dport, &fam2);
+	e->oldstate = (__u8)ctx->state;
+	e->reason = ctx->reason;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* ---------------------------------------------------------------- runqueue */
+
+static __always_inline int component_of(__u32 tid, __u32 *comp)
+{
+	__u32 *c = bpf_map_lookup_elem(&tracked, &tid);
+	if (c) {
+		*comp = *c;
+		return 1;
+	}
+	__u32 zero = 0;
+	struct settings *s = bpf_map_lookup_elem(&settings, &zero);
+	if (s && s->track_all) {
+		*comp = 0;
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline void mark_runnable(__u32 tid)
+{
+	__u32 comp;
+	if (!tid || !component_of(tid, &comp))
+		return;
+	__u64 now = bpf_ktime_get_ns();
+	bpf_map_update_elem(&runq_start, &tid, &now, BPF_ANY);
+}
+
+SEC("tracepoint/sched/sched_wakeup")
+int sched_wakeup(struct tp_sched_wakeup *ctx)
+{
+	mark_runnable((__u32)ctx->pid);
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_wakeup_new")
+int sched_wakeup_new(struct tp_sched_wakeup *ctx)
+{
+	__u32 tid = (__u32)ctx->pid;
+	/* wake_up_new_task runs in the parent: a new thread or child process of a tracked task
+	 * belongs to the same component until the agent's next scan says otherwise. */
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 parent = (__u32)id;
+	__u32 parent_tgid = id >> 32;
+	__u32 *c = bpf_map_lookup_elem(&tracked, &parent);
+	if (!c)
+		c = bpf_map_lookup_elem(&tracked, &parent_tgid);
+	if (c) {
+		__u32 comp = *c;
+		bpf_map_update_elem(&tracked, &tid, &comp, BPF_NOEXIST);
+	}
+	mark_runnable(tid);
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_switch")
+int sched_switch(struct tp_sched_switch *ctx)
+{
+	__u32 prev = (__u32)ctx->prev_pid;
+	__u32 next = (__u32)ctx->next_pid;
+	__u32 comp;
+	__u64 now = bpf_ktime_get_ns();
+
+	if (prev && component_of(prev, &comp) && comp < MAX_COMPONENTS) {
+		struct runq_val *v = bpf_map_lookup_elem(&runq, &comp);
+		if (v) {
+			if ((ctx->prev_state & TASK_STATE_MASK) == 0) {
+				/* still runnable: preempted (or throttled), back on the run queue */
+				v->involuntary += 1;
+				bpf_map_update_elem(&runq_start, &prev, &now, BPF_ANY);
+			} else {
+				v->voluntary += 1;
+			}
+		}
+	}
+
+	if (!next)
+		return 0;
+	__u64 *start = bpf_map_lookup_elem(&runq_start, &next);
+	if (!start)
+		return 0;
+	__u64 delta = now - *start;
+	bpf_map_delete_elem(&runq_start, &next);
+	if ((__s64)delta < 0 || !component_of(next, &comp) || comp >= MAX_COMPONENTS)
+		return 0;
+	struct runq_val *v = bpf_map_lookup_elem(&runq, &comp);
+	if (!v)
+		return 0;
+	__u32 slot = log2_slot(delta);
+	if (slot < HIST_SLOTS)
+		v->slots[slot] += 1;
+	v->sum_ns += delta;
+	v->count += 1;
+	return 0;
+}
+
+/* ---------------------------------------------------------------- block_io */
+
+static __always_inline __u32 classify(const char *rwbs)
+{
+	char c = rwbs[0];
+	/* A leading F is a preflush when an operation letter follows ("FWS"); alone it is a
+	 * flush ("F", "FS"). */
+	if (c == 'F') {
+		char n = rwbs[1];
+		if (n == 'W' || n == 'R' || n == 'D' || n == 'F' || n == 'N')
+			c = n;
+	}
+	switch (c) {
+	case 'R':
+		return OP_READ;
+	case 'W':
+		return OP_WRITE;
+	case 'F':
+		return OP_FLUSH;
+	case 'D':
+		return OP_DISCARD;
+	default:
+		return OP_OTHER;
+	}
+}
+
+SEC("tracepoint/block/block_rq_issue")
+int block_rq_issue(struct tp_block_rq_issue *ctx)
+{
+	struct blk_start_key key = {};
+	key.dev = ctx->dev;
+	key.sector = ctx->sector;
+	struct blk_start_val val = {};
+	val.ts = bpf_ktime_get_ns();
+	val.bytes = ctx->bytes;
+	val.op = classify(ctx->rwbs);
+	if (bpf_map_update_elem(&blk_start, &key, &val, BPF_ANY))
+		count(CTR_MAP_FULL);
+	return 0;
+}
+
+SEC("tracepoint/block/block_rq_complete")
+int block_rq_complete(struct tp_block_rq_complete *ctx)
+{
+	struct blk_start_key key = {};
+	key.dev = ctx->dev;
+	key.sector = ctx->sector;
+	struct blk_start_val *start = bpf_map_lookup_elem(&blk_start, &key);
+	if (!start)
+		return 0;
+	__u64 delta = bpf_ktime_get_ns() - start->ts;
+	struct blk_key hk = {};
+	hk.dev = ctx->dev;
+	hk.op = start->op;
+	__u64 bytes = start->bytes;
+	bpf_map_delete_elem(&blk_start, &key);
+
+	struct blk_val *v = bpf_map_lookup_elem(&blk, &hk);
+	if (!v) {
+		struct blk_val zero = {};
+		bpf_map_update_elem(&blk, &hk, &zero, BPF_NOEXIST);
+		v = bpf_map_lookup_elem(&blk, &hk);
+		if (!v) {
+			count(CTR_MAP_FULL);
+			return 0;
+		}
+	}
+	__u32 slot = log2_slot(delta);
+	if (slot < HIST_SLOTS)
+		__sync_fetch_and_add(&v->slots[slot], 1);
+	__sync_fetch_and_add(&v->sum_ns, delta);
+	__sync_fetch_and_add(&v->count, 1);
+	__sync_fetch_and_add(&v->bytes, bytes);
+	if (ctx->error)
+		__sync_fetch_and_add(&v->errors, 1);
+	return 0;
+}
+
+/* ---------------------------------------------------------------- oom */
+
+SEC("tracepoint/oom/mark_victim")
+int oom_mark_victim(struct tp_mark_victim *ctx)
+{
+	struct event *e = reserve(EV_OOM);
+	if (!e)
+		return 0;
+	__u32 victim = (__u32)ctx->pid;
+	e->pid = victim;
+	e->tgid = victim;
+	__u32 *c = bpf_map_lookup_elem(&tracked, &victim);
+	if (c)
+		e->comp = *c;
+	__u32 loc = ctx->comm;
+	bpf_probe_read_kernel_str(e->comm, sizeof(e->comm), (char *)ctx + (loc & 0xffff));
+	e->total_vm = ctx->total_vm;
+	e->anon_rss = ctx->anon_rss;
+	e->file_rss = ctx->file_rss;
+	e->shmem_rss = ctx->shmem_rss;
+	e->pgtables = ctx->pgtables;
+	e->uid = ctx->uid;
+	e->oom_score_adj = ctx->oom_score_adj;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}

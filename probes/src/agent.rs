@@ -1,0 +1,606 @@
+//! The agent: the loaded probes, the lab view, and the numbers and events built from them.
+//!
+//! Three activities, each also callable directly (tests drive them by hand):
+//!
+//! * [`Agent::drain_events`]: decode the ring buffer (connects, failures, resets, closes, OOM
+//!   kills) into counters, histograms and `/events`; woken by the ring buffer's fd.
+//! * [`Agent::poll`]: read the aggregating maps (retransmits, run queue, block I/O, kernel
+//!   counters, program statistics), every `poll_interval`; a flow whose retransmit count grew
+//!   since the previous poll becomes a `retransmit_burst` event.
+//! * [`Agent::refresh`]: re-read the lab state, rescan `/proc`, and sync the kernel's
+//!   `tracked` map, every `refresh_interval`.
+//!
+//! Lock order: `kernel` before `inner`; neither is held across a `/proc` scan.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+use crate::attribution::{Attribution, Registry, UNKNOWN};
+use crate::events::{Event, EventRing};
+use crate::kernel::{Kernel, LoadError, ProbeStatus};
+use crate::lab::{self, LabState};
+use crate::metrics::{Aggregates, RetransLabels};
+use crate::procfs;
+use crate::wire::{self, EventKind, FlowKey, RawEvent, RunqVal, endpoint, tcp_state_name};
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The lab's state file; `None` searches [`lab::default_paths`].
+    pub lab_state: Option<PathBuf>,
+    /// Turn on BPF run-time statistics while running (`probes_program_run_seconds_total`).
+    pub bpf_stats: bool,
+    /// Capacity of the `/events` ring.
+    pub events_capacity: usize,
+    pub poll_interval: Duration,
+    pub refresh_interval: Duration,
+    /// Attach only these probes (all when `None`).
+    pub probes: Option<Vec<String>>,
+    /// Attribute sockets through `/proc/PID/fd` (costs a directory read per lab process).
+    pub scan_sockets: bool,
+    /// Where cgroup v1 hierarchies are mounted (relative lab cgroup paths resolve under it).
+    pub cgroup_root: PathBuf,
+    /// Fewest retransmits of one flow within a poll interval that make a `retransmit_burst`.
+    pub burst_min: u64,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            lab_state: None,
+            bpf_stats: false,
+            events_capacity: crate::events::DEFAULT_CAPACITY,
+            poll_interval: Duration::from_secs(1),
+            refresh_interval: Duration::from_secs(2),
+            probes: None,
+            scan_sockets: true,
+            cgroup_root: PathBuf::from(procfs::CGROUP_ROOT),
+            burst_min: 1,
+        }
+    }
+}
+
+/// Userspace state behind one lock.
+struct Inner {
+    registry: Registry,
+    view: Attribution,
+    /// Last kernel count seen per flow, to turn cumulative counters into deltas.
+    flow_counts: HashMap<FlowKey, u64>,
+    aggregates: Aggregates,
+    events: EventRing,
+    block_names: HashMap<u32, String>,
+    last_lab_problem: Option<String>,
+    undecodable: u64,
+}
+
+/// A running set of probes.
+pub struct Agent {
+    options: AgentOptions,
+    kernel: Mutex<Kernel>,
+    inner: Mutex<Inner>,
+    /// Serialises refreshes (the background task and tests may both call it).
+    refresh_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind; keep serving it.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Kernel monotonic nanoseconds to Unix milliseconds.
+fn unix_ms_of(ts_ns: u64) -> u64 {
+    let now_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let now_mono_ns = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(ts_ns);
+    now_unix_ms.saturating_sub(now_mono_ns.saturating_sub(ts_ns) / 1_000_000)
+}
+
+fn secs(ns: u64) -> String {
+    format!("{:.3} s", ns as f64 / 1e9)
+}
+
+impl Agent {
+    /// Loads and attaches the probes, reads the lab state once and polls once.
+    pub fn start(options: AgentOptions) -> Result<Agent, LoadError> {
+        let kernel = Kernel::load(options.probes.as_deref(), options.bpf_stats)?;
+        for s in kernel.status() {
+            if s.attached {
+                tracing::info!(probe = s.probe, tracepoints = %s.detail, "probe attached");
+            } else {
+                tracing::error!(probe = s.probe, reason = %s.detail, "probe not attached");
+            }
+        }
+        let aggregates = Aggregates {
+            probes: kernel.status().to_vec(),
+            ..Aggregates::default()
+        };
+        let agent = Agent {
+            kernel: Mutex::new(kernel),
+            inner: Mutex::new(Inner {
+                registry: Registry::default(),
+                view: Attribution::default(),
+                flow_counts: HashMap::new(),
+                aggregates,
+                events: EventRing::new(options.events_capacity.max(1)),
+                block_names: HashMap::new(),
+                last_lab_problem: None,
+                undecodable: 0,
+            }),
+            refresh_lock: Mutex::new(()),
+            options,
+        };
+        agent.refresh().map_err(LoadError::Other)?;
+        agent.poll();
+        Ok(agent)
+    }
+
+    pub fn options(&self) -> &AgentOptions {
+        &self.options
+    }
+
+    /// Which probes are attached, and why not.
+    pub fn probe_status(&self) -> Vec<ProbeStatus> {
+        lock(&self.kernel).status().to_vec()
+    }
+
+    fn lab_state_path(&self) -> Option<PathBuf> {
+        match &self.options.lab_state {
+            Some(p) => Some(p.clone()),
+            None => lab::default_paths().into_iter().find(|p| p.is_file()),
+        }
+    }
+
+    /// Re-reads the lab state, rebuilds attribution and syncs the kernel's task filter.
+    pub fn refresh(&self) -> anyhow::Result<()> {
+        let _serial = lock(&self.refresh_lock);
+        let path = self.lab_state_path();
+        let state = match &path {
+            None => Err(format!(
+                "no lab state file ({}); every component is \"unknown\" and the run-queue probe tracks all tasks",
+                self.options
+                    .lab_state
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "looked for .lab/state.json and ../state.json".into())
+            )),
+            Some(p) => LabState::read(p).map_err(|e| e.to_string()),
+        };
+        let mut registry = lock(&self.inner).registry.clone();
+        let (view, problem, components) = match state {
+            Ok(s) => (
+                Attribution::build(
+                    &s,
+                    &mut registry,
+                    &self.options.cgroup_root,
+                    self.options.scan_sockets,
+                ),
+                None,
+                s.components.len(),
+            ),
+            Err(why) => (Attribution::default(), Some(why), 0),
+        };
+        let track_all = !view.has_lab;
+        let desired = view.by_tid.clone();
+        let lab_tgids = view.tgids();
+        {
+            let mut inner = lock(&self.inner);
+            if problem != inner.last_lab_problem {
+                match &problem {
+                    Some(why) => tracing::warn!(reason = %why, "lab state unavailable"),
+                    None => tracing::info!(
+                        path = %path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                        components,
+                        "lab state loaded"
+                    ),
+                }
+                inner.last_lab_problem = problem;
+            }
+            inner.registry = registry;
+            inner.view = view;
+            inner.aggregates.lab_components = components as u64;
+            inner.aggregates.track_all = track_all;
+            inner.aggregates.tracked_tasks = desired.len() as u64;
+        }
+
+        let mut kernel = lock(&self.kernel);
+        if !kernel.attached("runqueue") && !kernel.attached("oom") {
+            return Ok(());
+        }
+        kernel
+            .set_track_all(track_all)
+            .context("switching the run-queue filter")?;
+        let current = kernel.tracked();
+        let mut full = false;
+        for (&tid, &comp) in &desired {
+            if current.get(&tid) != Some(&comp) && kernel.track(tid, comp).is_err() {
+                full = true;
+            }
+        }
+        if full {
+            tracing::warn!(
+                tasks = desired.len(),
+                "the tracked-task map is full; some lab threads are not filtered in"
+            );
+        }
+        for tid in current.keys().filter(|t| !desired.contains_key(t)) {
+            // Keep threads and children created since the scan (the kernel inherited them).
+            let keep = procfs::tgid_of(*tid).is_some_and(|tgid| {
+                lab_tgids.contains(&tgid)
+                    || procfs::read_ppid(tgid).is_some_and(|pp| lab_tgids.contains(&pp))
+            });
+            if !keep {
+                kernel.untrack(*tid);
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes and applies every event waiting in the ring buffer.
+    pub fn drain_events(&self) {
+        let mut batch = Vec::new();
+        let bad = lock(&self.kernel).drain_ring(|e| batch.push(e));
+        let mut inner = lock(&self.inner);
+        inner.undecodable += bad;
+        for e in batch {
+            inner.apply(e);
+        }
+    }
+
+    /// Reads the aggregating maps (and drains the ring buffer first).
+    pub fn poll(&self) {
+        self.drain_events();
+        let (flows, runq, blk, ringbuf_full, map_full, stats) = {
+            let kernel = lock(&self.kernel);
+            let comps: Vec<u32> = if kernel.attached("runqueue") {
+                lock(&self.inner).registry.all().map(|(i, _)| i).collect()
+            } else {
+                Vec::new()
+            };
+            let runq: Vec<(u32, RunqVal)> = comps
+                .into_iter()
+                .filter_map(|i| kernel.runqueue(i).ok().map(|v| (i, v)))
+                .collect();
+            let stats = if kernel.stats_enabled() {
+                kernel.program_stats()
+            } else {
+                Vec::new()
+            };
+            (
+                kernel.retransmits(),
+                runq,
+                kernel.block_io(),
+                kernel.counter(wire::CTR_RINGBUF_FULL),
+                kernel.counter(wire::CTR_MAP_FULL),
+                stats,
+            )
+        };
+        let mut inner = lock(&self.inner);
+        inner.apply_retransmits(flows, self.options.burst_min);
+        let Inner {
+            registry,
+            view,
+            aggregates,
+            ..
+        } = &mut *inner;
+        for (idx, val) in runq {
+            let name = registry.name(idx).to_string();
+            let lab_component = view.has_lab && idx != 0;
+            if lab_component || val.hist.count > 0 || val.voluntary + val.involuntary > 0 {
+                aggregates.runqueue.insert(name, val);
+            }
+        }
+        for (key, val) in blk {
+            let name = inner
+                .block_names
+                .entry(key.dev)
+                .or_insert_with(|| {
+                    let (major, minor) = key.major_minor();
+                    procfs::block_device_name(major, minor)
+                })
+                .clone();
+            inner
+                .aggregates
+                .block_io
+                .insert((name, wire::block_op_name(key.op)), val);
+        }
+        let a = &mut inner.aggregates;
+        a.ringbuf_full = ringbuf_full;
+        a.map_full = map_full;
+        a.program_stats = stats
+            .into_iter()
+            .map(|(n, t, r)| (n, t.as_nanos() as u64, r))
+            .collect();
+        inner.aggregates.undecodable_events = inner.undecodable;
+        inner.aggregates.events_dropped = inner.events.dropped;
+    }
+
+    /// A copy of the current numbers.
+    pub fn aggregates(&self) -> Aggregates {
+        lock(&self.inner).aggregates.clone()
+    }
+
+    /// The Prometheus text of every probe metric.
+    pub fn render_metrics(&self) -> String {
+        lock(&self.inner).aggregates.render()
+    }
+
+    /// Events with `ts_ms >= since_ms`.
+    pub fn events_since(&self, since_ms: u64) -> Vec<Event> {
+        lock(&self.inner).events.since(since_ms)
+    }
+
+    /// The component a process is attributed to in the current view.
+    pub fn component_of_pid(&self, pid: u32) -> Option<String> {
+        let inner = lock(&self.inner);
+        inner
+            .view
+            .component_of_tgid(pid)
+            .map(|i| inner.registry.name(i).to_string())
+    }
+
+    /// Waits on the ring buffer and runs the poll and refresh timers until `shutdown`.
+    pub async fn run_background(
+        self: Arc<Self>,
+        shutdown: kit::shutdown::Shutdown,
+    ) -> anyhow::Result<()> {
+        let fd = lock(&self.kernel).ring_fd()?;
+        // The `register_*` replacements are `unsafe` (the caller must keep the fd open while it
+        // is registered); an `OwnedFd` moved into the `AsyncFd` does exactly that.
+        #[allow(deprecated)]
+        let ring = AsyncFd::with_interest(fd, Interest::READABLE)
+            .context("registering the ring buffer with the runtime")?;
+        let mut poll_tick = tokio::time::interval(self.options.poll_interval);
+        let mut refresh_tick = tokio::time::interval(self.options.refresh_interval);
+        poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        refresh_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => return Ok(()),
+                ready = ring.readable() => {
+                    let mut guard = ready.context("waiting on the ring buffer")?;
+                    // Clear first: data arriving while we drain raises readiness again.
+                    guard.clear_ready();
+                    self.drain_events();
+                }
+                _ = poll_tick.tick() => self.poll(),
+                _ = refresh_tick.tick() => {
+                    let agent = Arc::clone(&self);
+                    match tokio::task::spawn_blocking(move || agent.refresh()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "refreshing the lab view"),
+                        Err(e) => tracing::warn!(error = %e, "refresh task failed"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn name(&self, idx: u32) -> String {
+        self.registry.name(idx).to_string()
+    }
+
+    fn apply(&mut self, e: RawEvent) {
+        let src = endpoint(e.src, e.sport);
+        let dst = endpoint(e.dst, e.dport);
+        let pid = (e.tgid != 0).then_some(e.tgid);
+        let comm = (!e.comm.is_empty()).then(|| e.comm.clone());
+        let other = || (UNKNOWN.to_string(), "other".to_string());
+        match e.kind {
+            EventKind::Connect => {
+                // Local address and port are not assigned yet: the connecting task decides.
+                let comp = self.name(self.view.component_of_tgid(e.tgid).unwrap_or(0));
+                self.aggregates.connect_attempts.add((comp, dst), 1, other);
+            }
+            EventKind::Established => {
+                let comp = self.name(self.view.tcp(e.tgid, e.src, e.sport));
+                self.aggregates
+                    .connect_duration
+                    .entry((comp, "established"))
+                    .or_default()
+                    .record(e.duration_ns);
+            }
+            EventKind::ConnectFailed => {
+                let comp = self.name(self.view.tcp(e.tgid, e.src, e.sport));
+                self.aggregates
+                    .connect_failures
+                    .add((comp.clone(), dst.clone()), 1, other);
+                self.aggregates
+                    .connect_duration
+                    .entry((comp.clone(), "failed"))
+                    .or_default()
+                    .record(e.duration_ns);
+                let detail = if e.duration_ns == 0 {
+                    format!("connect to {dst} failed (SYN_SENT -> CLOSE)")
+                } else {
+                    format!(
+                        "connect to {dst} failed after {} (SYN_SENT -> CLOSE)",
+                        secs(e.duration_ns)
+                    )
+                };
+                self.push(
+                    "connect_failed",
+                    e.ts_ns,
+                    comp,
+                    pid,
+                    comm,
+                    Some(src),
+                    Some(dst),
+                    detail,
+                );
+            }
+            EventKind::Closed => {
+                let comp = self.name(self.view.tcp(e.tgid, e.src, e.sport));
+                self.aggregates
+                    .connection_lifetime
+                    .entry(comp)
+                    .or_default()
+                    .record(e.duration_ns);
+            }
+            EventKind::ResetReceived | EventKind::ResetSent => {
+                let comp = self.name(self.view.tcp(e.tgid, e.src, e.sport));
+                self.aggregates
+                    .resets
+                    .add((comp.clone(), dst.clone()), 1, other);
+                let detail = if e.kind == EventKind::ResetReceived {
+                    format!("reset received from {dst}")
+                } else {
+                    let state = if e.oldstate == 0 {
+                        "no socket".to_string()
+                    } else {
+                        format!("in {}", tcp_state_name(e.oldstate))
+                    };
+                    format!(
+                        "reset sent to {dst} ({state}, reason {})",
+                        wire::reset_reason_name(e.reason)
+                    )
+                };
+                self.push(
+                    "reset",
+                    e.ts_ns,
+                    comp,
+                    pid,
+                    comm,
+                    Some(src),
+                    Some(dst),
+                    detail,
+                );
+            }
+            EventKind::Oom => {
+                let idx = if e.comp != 0 {
+                    e.comp
+                } else {
+                    self.view
+                        .component_of_tgid(e.pid)
+                        .or_else(|| self.view.by_tid.get(&e.pid).copied())
+                        .unwrap_or(0)
+                };
+                let comp = self.name(idx);
+                self.aggregates
+                    .oom_kills
+                    .add(comp.clone(), 1, || UNKNOWN.to_string());
+                let o = &e.oom;
+                let detail = format!(
+                    "OOM killer chose pid {} ({}): total_vm={} kB anon_rss={} kB file_rss={} kB shmem_rss={} kB pgtables={} kB uid={} oom_score_adj={}",
+                    e.pid,
+                    e.comm,
+                    o.total_vm_kb,
+                    o.anon_rss_kb,
+                    o.file_rss_kb,
+                    o.shmem_rss_kb,
+                    o.pgtables_kb,
+                    o.uid,
+                    o.oom_score_adj
+                );
+                self.push(
+                    "oom_kill",
+                    e.ts_ns,
+                    comp,
+                    Some(e.pid),
+                    comm,
+                    None,
+                    None,
+                    detail,
+                );
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)] // one call site per event kind; a struct adds nothing
+    fn push(
+        &mut self,
+        kind: &'static str,
+        ts_ns: u64,
+        component: String,
+        pid: Option<u32>,
+        comm: Option<String>,
+        src: Option<String>,
+        dst: Option<String>,
+        detail: String,
+    ) {
+        self.events.push(Event {
+            ts_ms: unix_ms_of(ts_ns),
+            kind,
+            component,
+            pid,
+            comm,
+            src,
+            dst,
+            detail,
+        });
+    }
+
+    fn apply_retransmits(&mut self, flows: Vec<(FlowKey, wire::RetransVal)>, burst_min: u64) {
+        let mut seen = HashSet::with_capacity(flows.len());
+        for (key, val) in flows {
+            seen.insert(key);
+            let last = self.flow_counts.insert(key, val.count).unwrap_or(0);
+            // An LRU-evicted flow that came back starts from zero again.
+            let delta = if val.count >= last {
+                val.count - last
+            } else {
+                val.count
+            };
+            if delta == 0 {
+                continue;
+            }
+            let comp = self.name(self.view.tcp(val.tgid, key.src, key.sport));
+            let src = endpoint(key.src, key.sport);
+            let dst = endpoint(key.dst, key.dport);
+            let state = tcp_state_name(key.state);
+            self.aggregates.retransmits.add(
+                RetransLabels {
+                    component: comp.clone(),
+                    src: src.clone(),
+                    dst: dst.clone(),
+                    state,
+                },
+                delta,
+                || RetransLabels {
+                    component: UNKNOWN.to_string(),
+                    src: "other".into(),
+                    dst: "other".into(),
+                    state: "other",
+                },
+            );
+            if delta >= burst_min {
+                let pid = (val.tgid != 0).then_some(val.tgid);
+                let comm = pid.and_then(procfs::comm);
+                let detail = format!(
+                    "{delta} retransmit(s) in {state} since the previous poll, {} on this flow",
+                    val.count
+                );
+                self.push(
+                    "retransmit_burst",
+                    val.last_ns,
+                    comp,
+                    pid,
+                    comm,
+                    Some(src),
+                    Some(dst),
+                    detail,
+                );
+            }
+        }
+        self.flow_counts.retain(|k, _| seen.contains(k));
+    }
+}

@@ -1,0 +1,140 @@
+//! The agent's configuration: kit's defaults -> optional TOML file -> `APP__SECTION__KEY`
+//! environment (how the lab configures it: `APP__HTTP__ADDR`, `APP__LOG__FORMAT`,
+//! `APP__DATA__DIR`), then command-line flags on top.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kit::config::{ConfigError, DataConfig, HttpConfig, LogConfig, Validate};
+use serde::{Deserialize, Serialize};
+
+use crate::agent::AgentOptions;
+
+/// Service name in logs.
+pub const SERVICE: &str = "probes";
+
+/// The agent's default port (the lab's port plan uses it too).
+pub const DEFAULT_PORT: u16 = 9435;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbesConfig {
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Accepted because the lab hands it to every service; the agent keeps no durable state.
+    #[serde(default)]
+    pub data: DataConfig,
+    #[serde(default)]
+    pub agent: AgentConfig,
+}
+
+impl Default for ProbesConfig {
+    fn default() -> Self {
+        ProbesConfig {
+            http: HttpConfig {
+                addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+                ..HttpConfig::default()
+            },
+            log: LogConfig::default(),
+            data: DataConfig::default(),
+            agent: AgentConfig::default(),
+        }
+    }
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// The lab's `state.json`; unset: `.lab/state.json`, then `../state.json`.
+    pub lab_state: Option<PathBuf>,
+    /// Enable BPF run-time statistics while running.
+    pub bpf_stats: bool,
+    /// Capacity of the `/events` ring.
+    pub events_capacity: usize,
+    pub poll_interval_ms: u64,
+    pub refresh_interval_ms: u64,
+    /// Attribute sockets by scanning lab processes' file descriptors.
+    pub scan_sockets: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        let d = AgentOptions::default();
+        AgentConfig {
+            lab_state: None,
+            bpf_stats: false,
+            events_capacity: d.events_capacity,
+            poll_interval_ms: d.poll_interval.as_millis() as u64,
+            refresh_interval_ms: d.refresh_interval.as_millis() as u64,
+            scan_sockets: true,
+        }
+    }
+}
+
+impl Validate for ProbesConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.http.validate()?;
+        self.log.validate()?;
+        let a = &self.agent;
+        if !(1..=1_000_000).contains(&a.events_capacity) {
+            return Err(ConfigError::invalid(
+                "agent.events_capacity",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if !(50..=60_000).contains(&a.poll_interval_ms) {
+            return Err(ConfigError::invalid(
+                "agent.poll_interval_ms",
+                "must be between 50 and 60000",
+            ));
+        }
+        if !(100..=600_000).contains(&a.refresh_interval_ms) {
+            return Err(ConfigError::invalid(
+                "agent.refresh_interval_ms",
+                "must be between 100 and 600000",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ProbesConfig {
+    /// The agent's options from this configuration.
+    pub fn agent_options(&self) -> AgentOptions {
+        AgentOptions {
+            lab_state: self.agent.lab_state.clone(),
+            bpf_stats: self.agent.bpf_stats,
+            events_capacity: self.agent.events_capacity,
+            poll_interval: Duration::from_millis(self.agent.poll_interval_ms),
+            refresh_interval: Duration::from_millis(self.agent.refresh_interval_ms),
+            scan_sockets: self.agent.scan_sockets,
+            ..AgentOptions::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_listen_on_the_agent_port() {
+        let c = ProbesConfig::default();
+        assert!(c.validate().is_ok());
+        assert_eq!(c.http.addr.port(), DEFAULT_PORT);
+        let o = c.agent_options();
+        assert_eq!(o.poll_interval, Duration::from_secs(1));
+        let mut bad = c.clone();
+        bad.agent.poll_interval_ms = 0;
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("agent.poll_interval_ms")
+        );
+    }
+}

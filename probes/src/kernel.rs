@@ -1,0 +1,443 @@
+//! The kernel side as the agent sees it: the embedded eBPF object, which probes were attached
+//! (and why not), and typed access to the maps and the ring buffer.
+//!
+//! A probe is a group of programs that only make sense together (the run-queue probe needs all
+//! three scheduler tracepoints). Before attaching a probe, the layout of each of its
+//! tracepoints is checked against the running kernel; a probe that fails is reported and the
+//! others still run. Lacking privileges is not a per-probe problem: it stops everything with
+//! [`LoadError::Permission`].
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd as _, OwnedFd};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::TracePoint;
+use aya::{Ebpf, EbpfLoader};
+
+use crate::layout::{self, Tracepoint};
+use crate::tracefs::Tracefs;
+use crate::wire::{
+    self, BlkKey, BlkKeyBytes, BlkVal, BlkValBytes, FlowKey, FlowKeyBytes, RawEvent, RetransVal,
+    RetransValBytes, RunqVal, RunqValBytes, SettingsBytes,
+};
+
+/// The kernel's own BTF, used to relocate the programs' one access into `struct sk_buff`.
+pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+
+/// The object `build.rs` compiled from `bpf/probes.bpf.c`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probes.bpf.o"));
+
+/// A group of programs attached together.
+#[derive(Debug, Clone, Copy)]
+pub struct Probe {
+    /// Name in metrics (`probe` label), `probes check` and `/readyz`.
+    pub name: &'static str,
+    /// What it shows, for `probes check`.
+    pub what: &'static str,
+    /// (program symbol in the object, tracepoint).
+    pub programs: &'static [(&'static str, Tracepoint)],
+}
+
+/// Every probe, in attach order.
+pub const PROBES: &[Probe] = &[
+    Probe {
+        name: "tcp_retransmit",
+        what: "TCP retransmits per flow and state",
+        programs: &[("tcp_retransmit_skb", layout::TCP_RETRANSMIT_SKB)],
+    },
+    Probe {
+        name: "tcp_lifecycle",
+        what: "connect attempts, time to establish, failed connects, connection lifetime",
+        programs: &[("inet_sock_set_state", layout::INET_SOCK_SET_STATE)],
+    },
+    Probe {
+        name: "tcp_resets",
+        what: "TCP resets received and sent",
+        programs: &[
+            ("tcp_receive_reset", layout::TCP_RECEIVE_RESET),
+            ("tcp_send_reset", layout::TCP_SEND_RESET),
+        ],
+    },
+    Probe {
+        name: "runqueue",
+        what: "run-queue latency and context switches per component",
+        programs: &[
+            ("sched_wakeup", layout::SCHED_WAKEUP),
+            ("sched_wakeup_new", layout::SCHED_WAKEUP_NEW),
+            ("sched_switch", layout::SCHED_SWITCH),
+        ],
+    },
+    Probe {
+        name: "block_io",
+        what: "block I/O latency and bytes per device and operation",
+        programs: &[
+            ("block_rq_issue", layout::BLOCK_RQ_ISSUE),
+            ("block_rq_complete", layout::BLOCK_RQ_COMPLETE),
+        ],
+    },
+    Probe {
+        name: "oom",
+        what: "OOM kills with the victim's pid, command and memory",
+        programs: &[("oom_mark_victim", layout::MARK_VICTIM)],
+    },
+];
+
+/// Whether a probe runs, and if not why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProbeStatus {
+    pub probe: &'static str,
+    pub attached: bool,
+    pub detail: String,
+}
+
+/// Why the kernel side could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Not allowed to load eBPF (not root, or missing CAP_BPF/CAP_PERFMON).
+    #[error("{0}")]
+    Permission(String),
+    /// Anything else: missing tracefs, no probe could attach, a broken object.
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// True when an error chain contains EPERM. (EACCES from `BPF_PROG_LOAD` is the verifier
+/// rejecting a program, not a lack of privileges.)
+pub fn is_permission_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.raw_os_error() == Some(libc::EPERM)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn describe_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        let s = err.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}
+
+/// The loaded object, its maps, and what got attached.
+pub struct Kernel {
+    ebpf: Ebpf,
+    tracked: BpfHashMap<MapData, u32, u32>,
+    settings: Array<MapData, SettingsBytes>,
+    counters: PerCpuArray<MapData, u64>,
+    runq: PerCpuArray<MapData, RunqValBytes>,
+    retrans: BpfHashMap<MapData, FlowKeyBytes, RetransValBytes>,
+    blk: BpfHashMap<MapData, BlkKeyBytes, BlkValBytes>,
+    ring: RingBuf<MapData>,
+    status: Vec<ProbeStatus>,
+    /// Holds `BPF_ENABLE_STATS` on while the agent runs (closed on drop).
+    stats_fd: Option<OwnedFd>,
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernel")
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map `{name}` is missing from the eBPF object"))?;
+    T::try_from(map).with_context(|| format!("opening map `{name}`"))
+}
+
+impl Kernel {
+    /// Loads the object and attaches the probes named in `only` (all when `None`).
+    pub fn load(only: Option<&[String]>, bpf_stats: bool) -> Result<Kernel, LoadError> {
+        let tracefs = Tracefs::find_or_mount().map_err(|e| {
+            if nix::unistd::geteuid().is_root() {
+                LoadError::Other(anyhow::anyhow!(e))
+            } else {
+                LoadError::Permission(e)
+            }
+        })?;
+        let wanted: Vec<&Probe> = PROBES
+            .iter()
+            .filter(|p| only.is_none_or(|o| o.iter().any(|n| n == p.name)))
+            .collect();
+
+        // Check every tracepoint's layout before loading anything.
+        let mut status = Vec::new();
+        let mut ok_probes = Vec::new();
+        let mut retrans_has_err = 1u32;
+        for probe in &wanted {
+            let mut problem = None;
+            for (_, tp) in probe.programs {
+                match tracefs.verify(tp) {
+                    Ok(found) => {
+                        if tp.name == layout::TCP_RETRANSMIT_SKB.name
+                            && found.absent_optional.contains(&"err")
+                        {
+                            retrans_has_err = 0;
+                        }
+                    }
+                    Err(e) => {
+                        problem = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            match problem {
+                Some(why) => status.push(ProbeStatus {
+                    probe: probe.name,
+                    attached: false,
+                    detail: why,
+                }),
+                None => ok_probes.push(*probe),
+            }
+        }
+
+        // Without kernel BTF the one CO-RE access (sk_buff.cb) cannot be relocated: the
+        // program then counts each retransmitted skb as one segment.
+        let have_btf = u32::from(std::path::Path::new(BTF_PATH).is_file());
+        let mut ebpf = EbpfLoader::new()
+            .override_global("retrans_has_err", &retrans_has_err, true)
+            .override_global("have_btf", &have_btf, true)
+            .load(OBJECT)
+            .map_err(|e| {
+                if is_permission_error(&e) {
+                    LoadError::Permission(format!(
+                        "not allowed to load eBPF programs ({}): run as root or grant CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH",
+                        describe_chain(&e)
+                    ))
+                } else {
+                    LoadError::Other(anyhow::Error::new(e).context("loading the eBPF object"))
+                }
+            })?;
+
+        for probe in ok_probes {
+            match attach_probe(&mut ebpf, probe) {
+                Ok(()) => status.push(ProbeStatus {
+                    probe: probe.name,
+                    attached: true,
+                    detail: probe
+                        .programs
+                        .iter()
+                        .map(|(_, tp)| tp.id())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }),
+                Err(e) => {
+                    if is_permission_error(e.as_ref()) {
+                        return Err(LoadError::Permission(format!(
+                            "not allowed to attach eBPF programs ({e:#}): run as root or grant CAP_BPF and CAP_PERFMON"
+                        )));
+                    }
+                    tracing::debug!(probe = probe.name, error = %format!("{e:#}"), "attach failed");
+                    status.push(ProbeStatus {
+                        probe: probe.name,
+                        attached: false,
+                        detail: shorten_verifier_log(&format!("{e:#}")),
+                    });
+                }
+            }
+        }
+        status.sort_by_key(|s| PROBES.iter().position(|p| p.name == s.probe));
+        if !status.iter().any(|s| s.attached) {
+            let why: Vec<String> = status
+                .iter()
+                .map(|s| format!("{}: {}", s.probe, s.detail))
+                .collect();
+            return Err(LoadError::Other(anyhow::anyhow!(
+                "no probe could be attached ({})",
+                why.join("; ")
+            )));
+        }
+
+        let stats_fd = if bpf_stats {
+            match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not enable BPF run-time statistics");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
+        Ok(Kernel {
+            tracked: take(&mut ebpf, "tracked")?,
+            settings: take(&mut ebpf, "settings")?,
+            counters: take(&mut ebpf, "counters")?,
+            runq: take(&mut ebpf, "runq")?,
+            retrans: take(&mut ebpf, "retrans")?,
+            blk: take(&mut ebpf, "blk")?,
+            ring: take(&mut ebpf, "events")?,
+            ebpf,
+            status,
+            stats_fd,
+        })
+    }
+
+    /// What got attached and what did not.
+    pub fn status(&self) -> &[ProbeStatus] {
+        &self.status
+    }
+
+    pub fn attached(&self, probe: &str) -> bool {
+        self.status.iter().any(|s| s.probe == probe && s.attached)
+    }
+
+    /// A duplicate of the ring buffer's fd, for waiting on it (epoll) without holding `self`.
+    pub fn ring_fd(&self) -> anyhow::Result<OwnedFd> {
+        self.ring
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the ring buffer fd")
+    }
+
+    /// Decodes every event waiting in the ring buffer; returns how many were unreadable.
+    pub fn drain_ring(&mut self, mut on_event: impl FnMut(RawEvent)) -> u64 {
+        let mut bad = 0;
+        while let Some(item) = self.ring.next() {
+            match RawEvent::decode(&item) {
+                Ok(e) => on_event(e),
+                Err(e) => {
+                    bad += 1;
+                    tracing::debug!(error = %e, "undecodable ring buffer record");
+                }
+            }
+        }
+        bad
+    }
+
+    /// Every retransmit counter.
+    pub fn retransmits(&self) -> Vec<(FlowKey, RetransVal)> {
+        self.retrans
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (FlowKey::decode(&k), RetransVal::decode(&v)))
+            .collect()
+    }
+
+    /// Run-queue statistics of component `index`, summed over CPUs.
+    pub fn runqueue(&self, index: u32) -> anyhow::Result<RunqVal> {
+        let per_cpu = self
+            .runq
+            .get(&index, 0)
+            .with_context(|| format!("reading runq[{index}]"))?;
+        let mut total = RunqVal::default();
+        for v in per_cpu.iter() {
+            total.add(&RunqVal::decode(v));
+        }
+        Ok(total)
+    }
+
+    /// Block I/O histograms per device and operation.
+    pub fn block_io(&self) -> Vec<(BlkKey, BlkVal)> {
+        self.blk
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (BlkKey::decode(&k), BlkVal::decode(&v)))
+            .collect()
+    }
+
+    /// A kernel-side counter (`wire::CTR_*`), summed over CPUs.
+    pub fn counter(&self, index: u32) -> u64 {
+        self.counters
+            .get(&index, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Makes the scheduler probes track every task (no lab state) or only `tracked` ones.
+    pub fn set_track_all(&mut self, on: bool) -> anyhow::Result<()> {
+        self.settings
+            .set(0, wire::encode_settings(on), 0)
+            .context("writing the settings map")
+    }
+
+    /// Current `tracked` entries (tid -> component index).
+    pub fn tracked(&self) -> HashMap<u32, u32> {
+        self.tracked.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn track(&mut self, tid: u32, component: u32) -> anyhow::Result<()> {
+        self.tracked
+            .insert(tid, component, 0)
+            .with_context(|| format!("tracking tid {tid}"))
+    }
+
+    pub fn untrack(&mut self, tid: u32) {
+        // Already gone is fine: the entry may have been removed concurrently.
+        let _ = self.tracked.remove(&tid);
+    }
+
+    /// Per-program (name, run time, runs) when BPF statistics are on.
+    pub fn program_stats(&self) -> Vec<(String, Duration, u64)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                Some((name.to_string(), info.run_time(), info.run_count()))
+            })
+            .collect()
+    }
+
+    /// Whether run-time statistics are being collected (by us or system-wide).
+    pub fn stats_enabled(&self) -> bool {
+        self.stats_fd.is_some()
+            || std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+                .map(|s| s.trim() == "1")
+                .unwrap_or(false)
+    }
+}
+
+/// A verifier rejection carries the whole verifier log; keep its verdict (the last lines
+/// before the statistics) so the reason fits on a line.
+pub fn shorten_verifier_log(message: &str) -> String {
+    let Some((head, log)) = message.split_once("Verifier output:") else {
+        return message.to_string();
+    };
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .take_while(|l| !l.starts_with("verification time"))
+        .collect();
+    let tail = lines[lines.len().saturating_sub(2)..].join(" / ");
+    format!("{}verifier: {tail}", head.trim_end())
+}
+
+fn attach_probe(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<()> {
+    for (symbol, tp) in probe.programs {
+        let what = format!("attaching {}", tp.id());
+        let program: &mut TracePoint = ebpf
+            .program_mut(symbol)
+            .with_context(|| format!("program `{symbol}` is missing from the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("program `{symbol}` is not a tracepoint program"))?;
+        program
+            .load()
+            .with_context(|| format!("loading program `{symbol}` (verifier)"))
+            .with_context(|| what.clone())?;
+        program
+            .attach(tp.category, tp.name)
+            .with_context(|| what.clone())?;
+    }
+    Ok(())
+}

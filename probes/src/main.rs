@@ -1,0 +1,143 @@
+//! `probes`: the eBPF agent of the lab. `probes run` (the default) loads the probes, then
+//! serves `/metrics` and `/events` until SIGTERM; `probes check` says what this host offers.
+//!
+//! Exit codes: 0 done, 64 bad configuration, 77 not allowed to load eBPF (the lab then runs
+//! without kernel probes), 1 anything else.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use probes::check::{self, EXIT_NO_PERMISSION};
+use probes::config::{ProbesConfig, SERVICE};
+use probes::{Agent, LoadError};
+
+/// eBPF probes for the simulated-exchange lab.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file; `APP__SECTION__KEY` environment variables override it.
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load and attach the probes and serve /metrics and /events (the default).
+    Run(RunArgs),
+    /// Say what is available (privileges, BTF, tracefs, each tracepoint) and why not.
+    Check {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Skip the trial load and attach of the programs.
+        #[arg(long)]
+        no_load: bool,
+    },
+}
+
+#[derive(Debug, Default, clap::Args)]
+struct RunArgs {
+    /// Address to serve on (default 127.0.0.1:9435, or [http] addr / APP__HTTP__ADDR).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// The lab's state file (default .lab/state.json, then ../state.json).
+    #[arg(long, value_name = "PATH")]
+    lab_state: Option<PathBuf>,
+    /// Enable BPF run-time statistics while running (probes_program_run_seconds_total).
+    #[arg(long)]
+    bpf_stats: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    let code = match args.command {
+        Some(Command::Check { json, no_load }) => {
+            let report = check::run(!no_load);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report)
+                        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+                );
+            } else {
+                print!("{}", report.render());
+            }
+            report.exit_code()
+        }
+        Some(Command::Run(run)) => run_agent(args.config, run),
+        None => run_agent(args.config, RunArgs::default()),
+    };
+    std::process::exit(code);
+}
+
+fn run_agent(config_file: Option<PathBuf>, run: RunArgs) -> i32 {
+    let mut config: ProbesConfig = kit::config::load_or_exit(SERVICE, config_file.as_deref());
+    if let Some(addr) = run.listen {
+        config.http.addr = addr;
+    }
+    if let Some(path) = run.lab_state {
+        config.agent.lab_state = Some(path);
+    }
+    config.agent.bpf_stats |= run.bpf_stats;
+
+    // Before anything else is printed: without privileges, one line and EX_NOPERM.
+    if let Some(why) = check::privilege_problem() {
+        eprintln!("probes: {why}; the lab runs without kernel probes");
+        return EXIT_NO_PERMISSION;
+    }
+    kit::telemetry::init(SERVICE, &config.log);
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("probes: starting the runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => 0,
+        Err(Failure::Permission(why)) => {
+            eprintln!("probes: {why}; the lab runs without kernel probes");
+            EXIT_NO_PERMISSION
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("probes: {e:#}");
+            1
+        }
+    }
+}
+
+enum Failure {
+    Permission(String),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e)
+    }
+}
+
+async fn serve(config: ProbesConfig) -> Result<(), Failure> {
+    let shutdown = kit::shutdown::Shutdown::on_signals().context("installing signal handlers")?;
+    // Bind first so a taken port fails before the (slower) program load.
+    let listener = kit::http::bind(config.http.addr)
+        .await
+        .context("binding the HTTP listener")?;
+    let options = config.agent_options();
+    let agent = tokio::task::spawn_blocking(move || Agent::start(options))
+        .await
+        .context("loading the probes")?
+        .map_err(|e| match e {
+            LoadError::Permission(why) => Failure::Permission(why),
+            LoadError::Other(e) => Failure::Other(e.context("starting the probes")),
+        })?;
+    probes::run(Arc::new(agent), config, listener, shutdown)
+        .await
+        .map_err(Failure::Other)
+}
