@@ -29,8 +29,13 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct CapacityArgs {
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    target: String,
+    /// The order-gateway's base URL [default: from the lab's state file, else
+    /// http://127.0.0.1:8080].
+    #[arg(long)]
+    target: Option<String>,
+    /// The lab's state file.
+    #[arg(long, default_value = ".lab/state.json")]
+    lab_state: PathBuf,
     /// First rate tried (orders/s).
     #[arg(long, default_value_t = 30.0)]
     start_rate: f64,
@@ -76,9 +81,13 @@ struct RunArgs {
     /// How long to send, e.g. 60s, 2m.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// The order-gateway's base URL.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    target: String,
+    /// The order-gateway's base URL [default: from the lab's state file, else
+    /// http://127.0.0.1:8080].
+    #[arg(long)]
+    target: Option<String>,
+    /// The lab's state file, where the gateway and database addresses come from.
+    #[arg(long, default_value = ".lab/state.json")]
+    lab_state: PathBuf,
     /// Symbols to trade, comma-separated.
     #[arg(
         long,
@@ -114,9 +123,13 @@ struct AuditArgs {
     /// The ledger written by `loadgen run`.
     #[arg(long, default_value = "target/loadgen/ledger.jsonl")]
     ledger: PathBuf,
-    /// PostgreSQL URL of the exchange's persistence database.
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5433/exchange")]
-    database: String,
+    /// PostgreSQL URL of the exchange's persistence database [default: from the lab's state
+    /// file, else postgres://postgres@127.0.0.1:5433/exchange].
+    #[arg(long)]
+    database: Option<String>,
+    /// The lab's state file, where the database address comes from.
+    #[arg(long, default_value = ".lab/state.json")]
+    lab_state: PathBuf,
     /// How long to wait for the pipeline to drain.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     deadline: Duration,
@@ -139,7 +152,12 @@ async fn main() -> anyhow::Result<()> {
             );
             let started = unix_secs();
             let spec = RunSpec {
-                target: a.target,
+                target: resolve(
+                    a.target,
+                    &a.lab_state,
+                    lab::Component::OrderGateway,
+                    DEFAULT_TARGET,
+                ),
                 rate_per_sec: a.rate,
                 duration: a.duration,
                 flow: FlowSpec {
@@ -168,7 +186,12 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Capacity(a) => {
             let spec = loadgen::capacity::CapacitySpec {
-                target: a.target,
+                target: resolve(
+                    a.target,
+                    &a.lab_state,
+                    lab::Component::OrderGateway,
+                    DEFAULT_TARGET,
+                ),
                 start_rate: a.start_rate,
                 factor: a.factor,
                 max_rate: a.max_rate,
@@ -199,7 +222,13 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Audit(a) => {
-            let report = loadgen::audit::audit(&a.ledger, &a.database, a.deadline).await?;
+            let database = resolve(
+                a.database,
+                &a.lab_state,
+                lab::Component::Postgres,
+                DEFAULT_DATABASE,
+            );
+            let report = loadgen::audit::audit(&a.ledger, &database, a.deadline).await?;
             print!("{}", report.table());
             write_json(&a.report, &report)?;
             println!("  report: {}", a.report.display());
@@ -224,4 +253,26 @@ fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> anyhow::
     }
     std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")
         .with_context(|| format!("writing {}", path.display()))
+}
+
+const DEFAULT_TARGET: &str = "http://127.0.0.1:8080";
+const DEFAULT_DATABASE: &str = "postgres://postgres@127.0.0.1:5433/exchange";
+
+/// An explicit flag wins; else the component's URL in the lab's state file; else the default
+/// ports of `make demo`.
+fn resolve(
+    flag: Option<String>,
+    lab_state: &std::path::Path,
+    component: lab::Component,
+    default: &str,
+) -> String {
+    if let Some(url) = flag {
+        return url;
+    }
+    if let Ok(state) = lab::LabState::read(lab_state)
+        && let Some(url) = state.component(component).and_then(|c| c.primary_url())
+    {
+        return url.to_owned();
+    }
+    default.to_owned()
 }
