@@ -14,6 +14,7 @@ use crate::stats::{Recorder, Summary};
 use anyhow::Context;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::task::JoinSet;
@@ -58,8 +59,22 @@ pub(crate) fn unix_us(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
+/// Counters a caller can watch while a run goes on (the chaos runner's abort conditions).
+#[derive(Debug, Default)]
+pub struct Live {
+    /// Requests answered (or given up on).
+    pub done: AtomicU64,
+    /// Of those, acknowledged (201/202).
+    pub acknowledged: AtomicU64,
+    /// Of those, queued (202).
+    pub queued: AtomicU64,
+    /// Of those, errors (5xx, 503 shed, timeouts, transport errors, dropped).
+    pub errors: AtomicU64,
+}
+
 struct Shared {
     recorder: Recorder,
+    live: Arc<Live>,
     ledger: Option<LedgerWriter>,
     /// Requests sent and not answered yet, by sequence number, for the interrupted entries.
     in_flight: HashMap<u64, LedgerEntry>,
@@ -69,6 +84,16 @@ struct Shared {
 impl Shared {
     fn finish(&mut self, entry: LedgerEntry, second: usize) {
         self.recorder.record(&entry, second);
+        self.live.done.fetch_add(1, Ordering::Relaxed);
+        if entry.outcome.acknowledged() {
+            self.live.acknowledged.fetch_add(1, Ordering::Relaxed);
+        }
+        if entry.outcome == Outcome::Queued {
+            self.live.queued.fetch_add(1, Ordering::Relaxed);
+        }
+        if entry.outcome.is_error() {
+            self.live.errors.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(l) = self.ledger.as_mut()
             && let Err(e) = l.write(&entry)
         {
@@ -90,6 +115,15 @@ fn lock(s: &SharedRef) -> std::sync::MutexGuard<'_, Shared> {
 pub async fn run(
     spec: RunSpec,
     stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<Summary> {
+    run_watched(spec, stop, Arc::default()).await
+}
+
+/// [`run`], updating `live` as answers come in.
+pub async fn run_watched(
+    spec: RunSpec,
+    stop: impl std::future::Future<Output = ()>,
+    live: Arc<Live>,
 ) -> anyhow::Result<Summary> {
     spec.validate()?;
     let catalog = domain::Catalog::lab();
@@ -121,6 +155,7 @@ pub async fn run(
     let planned = (spec.rate_per_sec * spec.duration.as_secs_f64()).round() as u64;
     let shared: SharedRef = Arc::new(Mutex::new(Shared {
         recorder: Recorder::new(spec.duration.as_secs() as usize + 1),
+        live,
         ledger,
         in_flight: HashMap::new(),
         resting: Vec::new(),
