@@ -4,7 +4,7 @@
 CARGO ?= cargo
 RELEASE := $(CARGO) build --release --workspace --bins
 
-.PHONY: help demo down load capacity test fmt lint bench-engine
+.PHONY: help demo down load capacity test fmt lint bench-engine chaos-list chaos-cleanup chaos-network-partition chaos-cpu-throttle chaos-oom-kill chaos-disk-io chaos-cascade chaos-flamegraph chaos-packet-loss chaos-db-outage chaos-broker-outage chaos-engine-crash
 
 help: ## list every target with one line each
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-26s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -29,6 +29,45 @@ fmt: ## format the code
 
 lint: ## clippy with warnings as errors
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+CHAOS = $(CARGO) build --release -q -p chaos && target/release/chaos
+CHAOS_FLAGS ?=
+
+chaos-list: ## list the chaos experiments (CHAOS_FLAGS=--quick for the short CI variants)
+	$(CHAOS) list
+
+chaos-network-partition: ## cut gateway <-> engine under load (iptables); 202s, then everything delivered
+	$(CHAOS) run network-partition $(CHAOS_FLAGS)
+
+chaos-cpu-throttle: ## engine limited to 10% of a CPU (cfs quota); graceful degradation, backlog drained
+	$(CHAOS) run cpu-throttle $(CHAOS_FLAGS)
+
+chaos-oom-kill: ## persistence squeezed until the kernel OOM-kills it; the lab restarts it; nothing lost
+	$(CHAOS) run oom-kill $(CHAOS_FLAGS)
+
+chaos-disk-io: ## engine's disk throttled to 20 writes/s (blkio); fsync latency, group commit
+	$(CHAOS) run disk-io $(CHAOS_FLAGS)
+
+chaos-cascade: ## engine CPU-starved, cut off, and PostgreSQL down, one after the other
+	$(CHAOS) run cascade $(CHAOS_FLAGS)
+
+chaos-flamegraph: ## profile the gateway before and during a partition; differential flamegraph
+	$(CHAOS) run flamegraph $(CHAOS_FLAGS)
+
+chaos-packet-loss: ## 20% packet loss gateway <-> engine; TCP retransmits and tail latency
+	$(CHAOS) run packet-loss $(CHAOS_FLAGS)
+
+chaos-db-outage: ## PostgreSQL stopped under load; persisted exactly once when it returns
+	$(CHAOS) run db-outage $(CHAOS_FLAGS)
+
+chaos-broker-outage: ## RabbitMQ stopped under load; the engine's outbox catches up
+	$(CHAOS) run broker-outage $(CHAOS_FLAGS)
+
+chaos-engine-crash: ## SIGKILL the engine under load; journal replay, nothing lost or doubled
+	$(CHAOS) run engine-crash $(CHAOS_FLAGS)
+
+chaos-cleanup: ## revert whatever an interrupted chaos run left behind (iptables, cgroups, held components)
+	$(CHAOS) cleanup
 
 bench-engine: ## single-thread order book benchmark -> target/bench/engine.json
 	$(CARGO) run --release -p matching-engine --bin bench-engine

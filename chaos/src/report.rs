@@ -156,7 +156,7 @@ impl Report {
             marks: self
                 .phases
                 .iter()
-                .filter(|p| matches!(p.name.as_str(), "inject" | "heal" | "recover"))
+                .filter(|p| matches!(p.name.as_str(), "inject" | "heal"))
                 .map(|p| Mark {
                     t_s: rel(p.start_ms),
                     label: p.name.clone(),

@@ -409,6 +409,7 @@ pub async fn run(
 
     // ---- heal (always)
     t.enter("heal");
+    let heal_ms = now_ms();
     {
         let mut env = Env {
             stack: &stack,
@@ -510,6 +511,7 @@ pub async fn run(
         load_start_ms,
         inject_ms,
         fault_end_ms,
+        heal_ms,
         load_end_ms,
     };
     report.measurements = analysis::analyse(&entries, &samples, &marks, rate);
