@@ -4,7 +4,7 @@
 CARGO ?= cargo
 RELEASE := $(CARGO) build --release --workspace --bins
 
-.PHONY: help demo down load capacity test fmt lint bench-engine chaos-list chaos-cleanup chaos-network-partition chaos-cpu-throttle chaos-oom-kill chaos-disk-io chaos-cascade chaos-flamegraph chaos-packet-loss chaos-db-outage chaos-broker-outage chaos-engine-crash
+.PHONY: help demo down load capacity test fmt lint bench-engine bench-e2e chaos-list chaos-cleanup chaos-network-partition chaos-cpu-throttle chaos-oom-kill chaos-disk-io chaos-cascade chaos-flamegraph chaos-packet-loss chaos-db-outage chaos-broker-outage chaos-engine-crash
 
 help: ## list every target with one line each
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-26s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -68,6 +68,28 @@ chaos-engine-crash: ## SIGKILL the engine under load; journal replay, nothing lo
 
 chaos-cleanup: ## revert whatever an interrupted chaos run left behind (iptables, cgroups, held components)
 	$(CHAOS) cleanup
+
+PROFILER = $(CARGO) build --release -q -p profiler && target/release/profiler
+PROFILE_FLAGS ?=
+.PHONY: profile-cpu profile-all profile-view profile-analyze bench-profiling-overhead
+
+profile-cpu: ## 30 s CPU profile of every service under the demo load -> profiles/<time>/<service>.svg, .pb.gz
+	$(PROFILER) cpu $(PROFILE_FLAGS)
+
+profile-all: ## CPU and heap profiles of every service, plus a metrics snapshot -> profiles/<time>/
+	$(PROFILER) all $(PROFILE_FLAGS)
+
+profile-view: ## index.html of the newest profiles; opened in a browser, or served on 127.0.0.1:8099
+	$(PROFILER) view $(PROFILE_FLAGS)
+
+profile-analyze: ## CPU share by category, top functions, suggestions (categories: profiler/categories.toml)
+	$(PROFILER) analyze $(PROFILE_FLAGS)
+
+bench-profiling-overhead: ## CPU per 1,000 orders and throughput, 99 Hz profiling on vs off -> target/bench/profiling-overhead.json
+	$(PROFILER) overhead $(PROFILE_FLAGS)
+
+bench-e2e: ## whole-pipeline throughput (p99 < 20 ms) and latency vs RabbitMQ/PostgreSQL ceilings -> target/bench/e2e.json
+	$(CARGO) build --release --workspace --bins && target/release/bench-e2e
 
 bench-engine: ## single-thread order book benchmark -> target/bench/engine.json
 	$(CARGO) run --release -p matching-engine --bin bench-engine

@@ -4,7 +4,9 @@
 //! `<root>/logs/lab.log`) and follows `state.json` until every component is ready or the daemon
 //! gives up. The daemon owns a [`lab::Lab`] and serves the control socket; `stop`, `start`,
 //! `restart`, `kill` and `down` talk to it. `down` also works when the daemon was SIGKILLed:
-//! it then stops the process groups recorded in the state file itself.
+//! it then stops the process groups recorded in the state file itself, and removes the
+//! namespaces, bridge, cgroups and rules the state file records (`cleanup` does only that
+//! part, for a lab whose supervisor is gone).
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Seek as _, SeekFrom};
@@ -17,8 +19,9 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use lab::config::{control_socket, state_file};
 use lab::control::{self, Request};
+use lab::isolation::{self, Isolation, Leftovers};
 use lab::process;
-use lab::state::{LabState, Phase, ProcessRecord, Status};
+use lab::state::{IsolationMode, LabState, Phase, ProcessRecord, Status};
 use lab::{Component, ComponentSet, Lab, LabConfig, PortPlan, PortsMode, Signal};
 
 /// `println!` that ignores a closed stdout (`lab status | head`) instead of panicking: the
@@ -45,12 +48,16 @@ pub struct Cli {
 enum Command {
     /// Start the stack in the background and wait until every component is ready.
     Up(UpArgs),
-    /// Stop everything the lab started (also after the supervisor was killed).
+    /// Stop everything the lab started (also after the supervisor was killed) and remove its
+    /// namespaces, bridge, cgroups and rules.
     Down {
         /// Delete the root folder afterwards (data, logs, state).
         #[arg(long)]
         purge: bool,
     },
+    /// Remove what a lab whose supervisor died left behind (processes, namespaces, veths,
+    /// bridge, cgroups, iptables rules), from its state file. Safe to run more than once.
+    Cleanup,
     /// Show every component: status, pid, address, restarts, last exit.
     Status {
         /// Print the state file as JSON.
@@ -102,6 +109,10 @@ struct UpArgs {
     /// Give up on `up` after this many seconds.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
+    /// `auto` (own network namespace and cgroups per component when root, loopback
+    /// otherwise), `netns` (isolate or refuse), `none` (loopback).
+    #[arg(long, default_value = "auto")]
+    isolation: Isolation,
 }
 
 /// Runs a parsed command line.
@@ -116,6 +127,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Up(args) => up(&root, &args),
         Command::Down { purge } => down(&root, purge),
+        Command::Cleanup => cleanup(&root),
         Command::Status { json } => status(&root, json),
         Command::Logs {
             component,
@@ -204,6 +216,7 @@ fn up(root: &Path, args: &UpArgs) -> anyhow::Result<ExitCode> {
     if let Some(repo) = &args.repo {
         cmd.arg("--repo").arg(absolute(repo)?);
     }
+    cmd.arg("--isolation").arg(args.isolation.to_string());
     // Not a process-group leader, so the daemon's setsid() succeeds and detaches it.
     cmd.stdin(Stdio::null())
         .stdout(Stdio::from(log))
@@ -292,6 +305,7 @@ fn up(root: &Path, args: &UpArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn print_summary(state: &LabState) {
+    print_isolation(state);
     say!(
         "{:<16} {:<10} {:>8}  {:<44} {:>8}  LAST EXIT",
         "COMPONENT",
@@ -326,6 +340,52 @@ fn print_summary(state: &LabState) {
     }
 }
 
+/// One line on the isolation, then (when on) where each component lives.
+fn print_isolation(state: &LabState) {
+    match state.isolation.mode {
+        IsolationMode::None => say!(
+            "isolation: off ({})",
+            state
+                .isolation
+                .reason
+                .as_deref()
+                .unwrap_or("a lab from before isolation existed")
+        ),
+        IsolationMode::Netns => say!(
+            "isolation: netns, bridge {} {} (host side {}); look inside: ip netns exec <netns> ss -tnp",
+            state.bridge.as_deref().unwrap_or("?"),
+            state.subnet.as_deref().unwrap_or("?"),
+            state
+                .gateway_address
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "?".to_string()),
+        ),
+    }
+    if state.isolation.mode == IsolationMode::Netns {
+        for cs in &state.components {
+            let cgroup = match (cs.cgroup.get("cpu"), cs.cgroup.len()) {
+                (Some(cpu), n) if n > 1 => {
+                    let names: Vec<&str> = cs.cgroup.keys().map(String::as_str).collect();
+                    cpu.display().to_string().replacen(
+                        "/cpu/",
+                        &format!("/{{{}}}/", names.join(",")),
+                        1,
+                    )
+                }
+                (Some(cpu), _) => cpu.display().to_string(),
+                (None, _) => "-".to_string(),
+            };
+            say!(
+                "  {:<16} netns {:<14} {:<15} cgroup {cgroup}",
+                cs.name.name(),
+                cs.netns.as_deref().unwrap_or("(host)"),
+                cs.address.map(|a| a.to_string()).unwrap_or_default(),
+            );
+        }
+    }
+    say!();
+}
+
 // ---------------------------------------------------------------------------------------------
 // supervise
 
@@ -354,6 +414,7 @@ async fn supervise_async(root: &Path, args: &UpArgs) -> anyhow::Result<ExitCode>
     config.components = components;
     config.ports = PortPlan::for_mode(args.ports)?;
     config.repo = args.repo.clone();
+    config.isolation = args.isolation;
     let socket = control_socket(root);
     config.control_socket = Some(socket.clone());
     tracing::info!(root = %root.display(), components = %config.components, pid = std::process::id(), "supervisor starting");
@@ -475,26 +536,83 @@ fn down(root: &Path, purge: bool) -> anyhow::Result<ExitCode> {
     if !survivors.is_empty() {
         bail!("still alive after SIGKILL: {}", survivors.join(", "));
     }
+    // The supervisor removes its isolation on a graceful stop; a killed one could not. Either
+    // way: whatever the state file records and still exists goes now.
+    let state = after.unwrap_or(before);
+    remove_isolation(&state)?;
     // Nobody else will update the state file: record that everything is stopped.
-    let mut state = after.unwrap_or(before);
     if !process::is_alive(&state.supervisor) {
-        state.phase = Phase::Stopped;
-        for cs in &mut state.components {
-            cs.pid = None;
-            cs.pid_start_ticks = None;
-            cs.aux.clear();
-            if cs.status.is_active() {
-                cs.status = Status::Stopped;
-            }
-        }
-        state.updated_at = process::now_ms();
-        state.write_atomic(&state_file(root))?;
+        mark_stopped(state, root)?;
     }
     say!(
         "lab at {} is down; no recorded process is alive",
         root.display()
     );
     purge_root(root, purge)
+}
+
+/// Removes what `state` records of the isolation and still exists (processes left in the
+/// cgroups are SIGKILLed first), saying what went.
+fn remove_isolation(state: &LabState) -> anyhow::Result<()> {
+    let left = Leftovers::from_state(state);
+    if left.is_empty() {
+        return Ok(());
+    }
+    for what in isolation::teardown(&left)? {
+        say!("removed {what}");
+    }
+    Ok(())
+}
+
+/// `lab cleanup`: what `down` does after a dead supervisor, refusing while one runs.
+fn cleanup(root: &Path) -> anyhow::Result<ExitCode> {
+    let Some(state) = read_state(root)? else {
+        say!("no lab state in {}: nothing to clean up", root.display());
+        return Ok(ExitCode::SUCCESS);
+    };
+    if supervisor_running(&state) {
+        bail!(
+            "the supervisor of {} (pid {}) is running: stop the lab with `lab down --root {}`",
+            root.display(),
+            state.supervisor.pid,
+            root.display()
+        );
+    }
+    let recorded = stop_order(&state);
+    for (name, rec) in &recorded {
+        let stop = if name == "postgres" {
+            Signal::SIGINT
+        } else {
+            Signal::SIGTERM
+        };
+        if process::terminate_recorded(rec, stop, Duration::from_secs(10)) {
+            say!("stopped leftover {name} (pid {})", rec.pid);
+        }
+    }
+    remove_isolation(&state)?;
+    let left = Leftovers::from_state(&state).existing();
+    if !left.is_empty() {
+        bail!("still present after cleanup: {}", left.join(", "));
+    }
+    mark_stopped(state, root)?;
+    say!("nothing of the lab at {} is left", root.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Records in the state file that nothing runs any more (nobody else will).
+fn mark_stopped(mut state: LabState, root: &Path) -> anyhow::Result<()> {
+    state.phase = Phase::Stopped;
+    for cs in &mut state.components {
+        cs.pid = None;
+        cs.pid_start_ticks = None;
+        cs.aux.clear();
+        if cs.status.is_active() {
+            cs.status = Status::Stopped;
+        }
+    }
+    state.updated_at = process::now_ms();
+    state.write_atomic(&state_file(root))?;
+    Ok(())
 }
 
 /// Recorded processes in reverse start order, each component before its helpers.

@@ -81,6 +81,12 @@ pub struct Spec {
     pub optional: bool,
     /// How long one start attempt may take to become ready.
     pub ready_timeout: Duration,
+    /// Runs in its own network namespace on the lab bridge when the lab isolates (see
+    /// [`crate::isolation`]); otherwise it stays in the host namespace (Prometheus and the
+    /// probe agent, which watch the others from outside).
+    pub netns: bool,
+    /// Two-letter tag in the names of its network namespace and veth (`sxl1a2b3c-gw`).
+    pub short: &'static str,
 }
 
 const HTTP: &str = "http";
@@ -101,6 +107,8 @@ pub static SPECS: [Spec; 7] = [
         optional: false,
         // initdb (first start only) plus recovery after a crash.
         ready_timeout: Duration::from_secs(60),
+        netns: true,
+        short: "pg",
     },
     Spec {
         component: Component::Rabbitmq,
@@ -126,6 +134,8 @@ pub static SPECS: [Spec; 7] = [
         optional: false,
         // ~7 s idle, ~19 s while the machine builds Rust; leave room.
         ready_timeout: Duration::from_secs(120),
+        netns: true,
+        short: "mq",
     },
     Spec {
         component: Component::MatchingEngine,
@@ -145,6 +155,8 @@ pub static SPECS: [Spec; 7] = [
         scraped: true,
         optional: false,
         ready_timeout: Duration::from_secs(30),
+        netns: true,
+        short: "me",
     },
     Spec {
         component: Component::Persistence,
@@ -170,6 +182,8 @@ pub static SPECS: [Spec; 7] = [
         scraped: true,
         optional: false,
         ready_timeout: Duration::from_secs(30),
+        netns: true,
+        short: "ps",
     },
     Spec {
         component: Component::OrderGateway,
@@ -195,6 +209,8 @@ pub static SPECS: [Spec; 7] = [
         scraped: true,
         optional: false,
         ready_timeout: Duration::from_secs(30),
+        netns: true,
+        short: "gw",
     },
     Spec {
         component: Component::Probes,
@@ -211,6 +227,8 @@ pub static SPECS: [Spec; 7] = [
         scraped: true,
         optional: true,
         ready_timeout: Duration::from_secs(30),
+        netns: false,
+        short: "pb",
     },
     Spec {
         component: Component::Prometheus,
@@ -225,6 +243,8 @@ pub static SPECS: [Spec; 7] = [
         scraped: false,
         optional: false,
         ready_timeout: Duration::from_secs(30),
+        netns: false,
+        short: "pr",
     },
 ];
 

@@ -13,11 +13,13 @@
 //! ```
 
 use std::collections::{BTreeMap, VecDeque};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::component::{Component, ComponentSet, Kind};
 use crate::error::Result;
+use crate::isolation::{Isolation, IsolationPlan};
 use crate::ports::{LOOPBACK, PortPlan};
 
 /// AMQP credentials of the lab's RabbitMQ node (a dedicated user, allowed from any address).
@@ -126,6 +128,13 @@ pub struct LabConfig {
     pub ready_timeouts: BTreeMap<Component, Duration>,
     /// Control socket path recorded in the state file (set by the daemon).
     pub control_socket: Option<PathBuf>,
+    /// Whether to give components their own network namespace and cgroups (see
+    /// [`crate::isolation`]): `Auto` (isolate when root) for [`LabConfig::new`], `None`
+    /// (loopback) for [`LabConfig::ephemeral`].
+    pub isolation: Isolation,
+    /// The isolation in effect: set by [`crate::Lab::new`] when it isolates, `None` for
+    /// loopback. Addresses and URLs follow it.
+    pub isolation_plan: Option<IsolationPlan>,
 }
 
 impl LabConfig {
@@ -142,16 +151,20 @@ impl LabConfig {
             stop_timeout: Duration::from_secs(10),
             ready_timeouts: BTreeMap::new(),
             control_socket: None,
+            isolation: Isolation::Auto,
+            isolation_plan: None,
         }
     }
 
-    /// Same as [`LabConfig::new`] with free ports picked by the kernel (for tests).
+    /// Same as [`LabConfig::new`] with free ports picked by the kernel, on loopback (for tests;
+    /// ask for namespaces with [`LabConfig::with_isolation`]).
     pub fn ephemeral(
         root: impl Into<PathBuf>,
         components: impl IntoIterator<Item = Component>,
     ) -> Result<Self> {
         Ok(LabConfig {
             ports: PortPlan::ephemeral()?,
+            isolation: Isolation::None,
             ..Self::new(root, components)
         })
     }
@@ -160,6 +173,22 @@ impl LabConfig {
     pub fn with_bin_dir(mut self, bin_dir: impl Into<PathBuf>) -> Self {
         self.bin_dir = bin_dir.into();
         self
+    }
+
+    /// Sets the isolation mode.
+    pub fn with_isolation(mut self, isolation: Isolation) -> Self {
+        self.isolation = isolation;
+        self
+    }
+
+    /// The address `c` listens on: its bridge address when it has its own network namespace,
+    /// 127.0.0.1 otherwise.
+    pub fn host(&self, c: Component) -> Ipv4Addr {
+        self.isolation_plan
+            .as_ref()
+            .and_then(|p| p.member(c))
+            .map(|m| m.address)
+            .unwrap_or(LOOPBACK)
     }
 
     /// The readiness deadline of one start attempt of `c`.
@@ -198,7 +227,7 @@ impl LabConfig {
     /// The `host:port` of a component's primary port.
     pub fn addr(&self, c: Component) -> Result<std::net::SocketAddr> {
         Ok(std::net::SocketAddr::from((
-            LOOPBACK,
+            self.host(c),
             self.ports.primary(c)?,
         )))
     }
@@ -206,20 +235,47 @@ impl LabConfig {
     /// URLs of a component by name (`postgres`, `amqp`, `http`).
     pub fn urls(&self, c: Component) -> Result<BTreeMap<String, String>> {
         let port = self.ports.primary(c)?;
+        let host = self.host(c);
         let (name, url) = match c.spec().kind {
             Kind::Postgres => (
                 "postgres",
-                format!("postgres://postgres@{LOOPBACK}:{port}/{DATABASE}"),
+                format!("postgres://postgres@{host}:{port}/{DATABASE}"),
             ),
             Kind::Rabbitmq => (
                 "amqp",
-                format!("amqp://{AMQP_USER}:{AMQP_PASSWORD}@{LOOPBACK}:{port}/%2f"),
+                format!("amqp://{AMQP_USER}:{AMQP_PASSWORD}@{host}:{port}/%2f"),
             ),
-            Kind::Prometheus | Kind::Service { .. } => {
-                ("http", format!("http://{LOOPBACK}:{port}"))
-            }
+            Kind::Prometheus | Kind::Service { .. } => ("http", format!("http://{host}:{port}")),
         };
         Ok([(name.to_string(), url)].into_iter().collect())
+    }
+
+    /// Fails with [`crate::LabError::PortInUse`] if a port of `c` (except those named in
+    /// `skip`) is taken where `c` will listen: inside its network namespace when it has one,
+    /// on 127.0.0.1 otherwise.
+    pub fn check_ports_free(&self, c: Component, skip: &[&str]) -> Result<()> {
+        let Some(member) = self.isolation_plan.as_ref().and_then(|p| p.member(c)) else {
+            return self.ports.check_free_except(c, skip);
+        };
+        let ports: Vec<(String, u16)> = self
+            .ports
+            .of(c)
+            .into_iter()
+            .filter(|(name, _)| !skip.contains(&name.as_str()))
+            .collect();
+        let numbers: Vec<u16> = ports.iter().map(|(_, p)| *p).collect();
+        match crate::isolation::check_ports_in_netns(&member.netns, numbers)? {
+            Ok(()) => Ok(()),
+            Err(port) => Err(crate::LabError::PortInUse {
+                component: c,
+                name: ports
+                    .into_iter()
+                    .find(|(_, p)| *p == port)
+                    .map(|(n, _)| n)
+                    .unwrap_or_default(),
+                port,
+            }),
+        }
     }
 
     /// The URL other components use to reach `c`.
@@ -327,6 +383,16 @@ mod tests {
             "amqp://exchange:exchange@127.0.0.1:5673/%2f"
         );
         assert_eq!(url(Component::MatchingEngine), "http://127.0.0.1:8081");
+        // With isolation, components with a namespace are reached at their bridge address.
+        let mut cfg = cfg.clone();
+        cfg.isolation_plan = Some(IsolationPlan::new("sxl0a1b2c", 5, &cfg.components, false));
+        let url = |c| cfg.primary_url(c).unwrap_or_default();
+        assert_eq!(
+            url(Component::Postgres),
+            "postgres://postgres@198.18.5.10:5433/exchange"
+        );
+        assert_eq!(url(Component::OrderGateway), "http://198.18.5.14:8080");
+        assert_eq!(url(Component::Prometheus), "http://127.0.0.1:9090");
         assert_eq!(
             cfg.log_file(Component::Persistence),
             PathBuf::from("/tmp/lab/logs/persistence.log")

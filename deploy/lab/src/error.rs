@@ -15,8 +15,8 @@ use crate::component::Component;
 pub enum LabError {
     /// A port of the plan is already bound by someone else.
     #[error(
-        "port {port} ({component} {name} port) is already in use on 127.0.0.1: stop whatever \
-         holds it, or use --ports ephemeral"
+        "port {port} ({component} {name} port) is already in use where it listens (127.0.0.1, \
+         or its network namespace): stop whatever holds it, or use --ports ephemeral"
     )]
     PortInUse {
         component: Component,

@@ -2,12 +2,15 @@
 //! runner and the `lab supervise` daemon.
 //!
 //! `Lab::start(config)` checks everything it can before starting anything (binaries, users,
-//! ports, another lab on the same root), then starts the components in dependency order —
-//! independent ones in parallel — each gated on its readiness. Control operations go to the
-//! component tasks of [`crate::supervisor`]. Dropping a `Lab` that was not shut down kills
-//! every process group it started, synchronously, so a panicking test leaves nothing behind.
+//! ports, another lab on the same root), sets up the isolation when there is one (bridge,
+//! namespaces, cgroups: recorded in the state file first), then starts the components in
+//! dependency order — independent ones in parallel — each gated on its readiness. Control
+//! operations go to the component tasks of [`crate::supervisor`]. Dropping a `Lab` that was
+//! not shut down kills every process group it started and removes its isolation,
+//! synchronously, so a panicking test leaves nothing behind.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -21,9 +24,12 @@ use tokio::time::Instant;
 use crate::component::Component;
 use crate::config::LabConfig;
 use crate::error::{LabError, Result};
+use crate::isolation::{self, Claim, Decision, IsolationPlan, Leftovers};
 use crate::launch::Recipe;
 use crate::process;
-use crate::state::{ComponentState, LabState, Phase, STATE_VERSION, Status};
+use crate::state::{
+    ComponentState, IsolationMode, IsolationState, LabState, Phase, STATE_VERSION, Status,
+};
 use crate::supervisor::{self, Ctl, Shared};
 
 /// Extra time a caller waits past a component's own readiness deadline, so the component's
@@ -63,23 +69,56 @@ impl Lab {
 
     /// Checks the configuration and prepares the supervisor without starting anything; call
     /// [`Lab::start_all`] next. Must be called inside a tokio runtime.
+    ///
+    /// When the lab isolates, this also creates its bridge, namespaces and cgroups (each
+    /// recorded in the state file before it is created), after removing whatever an earlier
+    /// lab in the same root left behind.
     pub fn new(config: LabConfig) -> Result<Lab> {
         tokio::runtime::Handle::try_current()
             .context("Lab::new must be called inside a tokio runtime")?;
-        let config = normalise(config)?;
-        refuse_busy_root(&config)?;
-        let problems: Vec<String> = config
+        let mut config = normalise(config)?;
+        let old = refuse_busy_root(&config)?;
+        let mut problems: Vec<String> = config
             .components
             .iter()
             .flat_map(|c| Recipe::preflight(c, &config))
             .collect();
+        let is_root = nix::unistd::geteuid().is_root();
+        let host_problems = if is_root && config.isolation != isolation::Isolation::None {
+            isolation::host_problems()
+        } else {
+            Vec::new()
+        };
+        let decision = match isolation::decide(config.isolation, is_root, &host_problems) {
+            Ok(decision) => decision,
+            Err(refused) => {
+                problems.extend(refused);
+                Decision::Off(String::new())
+            }
+        };
         if !problems.is_empty() {
             return Err(LabError::Preflight(problems));
         }
         for c in config.components.iter() {
+            // A component with its own namespace is checked in it, before each start.
+            if decision == Decision::On && c.spec().netns {
+                continue;
+            }
             config.ports.check_free(c)?;
         }
-        let state = initial_state(&config)?;
+        if let Some(old) = &old {
+            remove_leftovers(old)?;
+        }
+        let state = match decision {
+            Decision::Off(reason) => initial_state(
+                &config,
+                IsolationState {
+                    mode: IsolationMode::None,
+                    reason: Some(reason),
+                },
+            )?,
+            Decision::On => isolate(&mut config)?,
+        };
         let shared = Shared::new(Arc::new(config), state);
         let mut controls = BTreeMap::new();
         let mut tasks = Vec::new();
@@ -216,6 +255,66 @@ impl Lab {
         self.shared.component(c).ok().and_then(|cs| cs.pid)
     }
 
+    /// The isolation in effect (names, addresses, cgroup folders); `None` on loopback.
+    pub fn isolation(&self) -> Option<&IsolationPlan> {
+        self.shared.cfg.isolation_plan.as_ref()
+    }
+
+    /// `c`'s network namespace (`ip netns` name), if it has one.
+    pub fn netns(&self, c: Component) -> Option<String> {
+        self.isolation()?.member(c).map(|m| m.netns.clone())
+    }
+
+    /// `c`'s address on the lab bridge, if it has its own namespace (`None` on loopback, and
+    /// for Prometheus and the probe agent, which stay in the host namespace).
+    pub fn address(&self, c: Component) -> Option<IpAddr> {
+        self.isolation()?.member(c).map(|m| IpAddr::V4(m.address))
+    }
+
+    /// Host side of `c`'s veth pair, if it has its own namespace.
+    pub fn veth(&self, c: Component) -> Option<String> {
+        self.isolation()?.member(c).map(|m| m.veth.clone())
+    }
+
+    /// `c`'s cgroup folder for `controller` (`cpu`, `memory`, `blkio`), when the lab isolates:
+    /// write limits there (`cpu.cfs_quota_us`, `memory.limit_in_bytes`,
+    /// `blkio.throttle.*`), read `cgroup.procs` for every process of the component.
+    pub fn cgroup(&self, c: Component, controller: &str) -> Option<PathBuf> {
+        self.isolation()?
+            .cgroup(c, controller)
+            .map(Path::to_path_buf)
+    }
+
+    /// The lab bridge (`sxl1a2b3c`), when the lab isolates.
+    pub fn bridge(&self) -> Option<&str> {
+        self.isolation().map(IsolationPlan::bridge)
+    }
+
+    /// The lab's subnet (`198.18.N.0/24`), when the lab isolates.
+    pub fn subnet(&self) -> Option<String> {
+        self.isolation().map(IsolationPlan::subnet)
+    }
+
+    /// The bridge's own address (`198.18.N.1`): where the host's traffic to the components
+    /// comes from.
+    pub fn gateway_address(&self) -> Option<Ipv4Addr> {
+        self.isolation().map(|p| p.gateway)
+    }
+
+    /// `program` as a command that runs inside `c`'s network namespace (`iptables`, `ss`,
+    /// `rabbitmqctl`, ...); an error if `c` has none.
+    pub fn netns_command(
+        &self,
+        c: Component,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Result<std::process::Command> {
+        self.check_member(c)?;
+        let ns = self.netns(c).ok_or_else(|| {
+            anyhow::anyhow!("{c} has no network namespace (the lab is not isolated, or {c} stays in the host namespace)")
+        })?;
+        Ok(crate::netns::command(&ns, program)?)
+    }
+
     fn check_member(&self, c: Component) -> Result<()> {
         if self.shared.cfg.components.contains(c) {
             Ok(())
@@ -261,6 +360,11 @@ impl Lab {
         );
         process::signal_tree(pid, signal)
             .with_context(|| format!("sending {} to {c} (pid {pid})", signal.as_str()))?;
+        // With isolation, also whatever else of it is in its cgroups (helpers excepted).
+        for other in self.shared.cgroup_members(c) {
+            process::signal_process(other, signal)
+                .with_context(|| format!("sending {} to {c}'s pid {other}", signal.as_str()))?;
+        }
         Ok(())
     }
 
@@ -324,6 +428,16 @@ impl Lab {
         for (name, rec) in &survivors {
             tracing::warn!(process = %name, pid = rec.pid, "still alive after shutdown: killed");
         }
+        let torn_down = match self.shared.cfg.isolation_plan.clone() {
+            Some(plan) => {
+                let left = Leftovers::from_plan(&plan);
+                tokio::task::spawn_blocking(move || isolation::teardown(&left))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("the isolation teardown panicked: {e}"))
+                    .and_then(|r| r)
+            }
+            None => Ok(Vec::new()),
+        };
         self.shared.update(|s| {
             s.phase = Phase::Stopped;
             for cs in &mut s.components {
@@ -334,6 +448,11 @@ impl Lab {
         });
         self.shut_down
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        match &torn_down {
+            Ok(removed) => tracing::info!(removed = %removed.join(", "), "isolation removed"),
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "removing the isolation"),
+        }
+        torn_down?;
         if survivors.is_empty() {
             Ok(())
         } else {
@@ -370,6 +489,12 @@ impl Drop for Lab {
                 .map(|(n, r)| format!("{n}={}", r.pid))
                 .collect();
             tracing::warn!(processes = %names.join(" "), "lab dropped without shutdown: killed its process groups");
+        }
+        // Blocking, bounded: waits for the killed processes to leave the cgroups.
+        if let Some(plan) = &self.shared.cfg.isolation_plan
+            && let Err(e) = isolation::teardown(&Leftovers::from_plan(plan))
+        {
+            tracing::error!(error = %format!("{e:#}"), "lab dropped: removing its isolation failed; run `lab cleanup --root {}`", self.shared.cfg.root.display());
         }
     }
 }
@@ -466,17 +591,17 @@ fn normalise(mut config: LabConfig) -> Result<LabConfig> {
 }
 
 /// Refuses a root whose state file names another live supervisor, or live processes of a
-/// supervisor that died.
-fn refuse_busy_root(config: &LabConfig) -> Result<()> {
+/// supervisor that died. Returns the earlier state, if any.
+fn refuse_busy_root(config: &LabConfig) -> Result<Option<LabState>> {
     let path = config.state_file();
     if !path.exists() {
-        return Ok(());
+        return Ok(None);
     }
     let old = match LabState::read(&path) {
         Ok(old) => old,
         Err(e) => {
             tracing::warn!(error = %e, "ignoring an unreadable state file");
-            return Ok(());
+            return Ok(None);
         }
     };
     let me = std::process::id() as i32;
@@ -507,10 +632,54 @@ fn refuse_busy_root(config: &LabConfig) -> Result<()> {
         )
         .into());
     }
+    Ok(Some(old))
+}
+
+/// Removes what an earlier lab in this root left in the kernel (its supervisor died before
+/// cleaning up; its processes are gone, [`refuse_busy_root`] checked).
+fn remove_leftovers(old: &LabState) -> Result<()> {
+    let left = Leftovers::from_state(old);
+    if left.is_empty() || left.existing().is_empty() {
+        return Ok(());
+    }
+    let removed = isolation::teardown(&left)
+        .context("removing what an earlier lab in this root left behind (try `lab cleanup`)")?;
+    tracing::warn!(removed = %removed.join(", "), "removed leftovers of an earlier lab in this root");
     Ok(())
 }
 
-fn initial_state(config: &LabConfig) -> Result<LabState> {
+/// Allocates the lab's subnet, records the plan in the state file, then creates it.
+fn isolate(config: &mut LabConfig) -> Result<LabState> {
+    let started = std::time::Instant::now();
+    let name = isolation::lab_name(&config.root);
+    let claim = Claim::allocate(&name, &config.components)?;
+    config.isolation_plan = Some(claim.plan().clone());
+    let mut state = initial_state(
+        config,
+        IsolationState {
+            mode: IsolationMode::Netns,
+            reason: None,
+        },
+    )?;
+    claim.plan().record(&mut state);
+    // Recorded before anything exists, so a crash at any point leaves a cleanable state file.
+    state.write_atomic(&config.state_file())?;
+    match claim.create() {
+        Ok(plan) => {
+            let took_ms = started.elapsed().as_millis() as u64;
+            tracing::info!(bridge = plan.bridge(), subnet = %plan.subnet(), took_ms, "isolation ready");
+            Ok(state)
+        }
+        Err(e) => {
+            state.phase = Phase::Failed;
+            state.error = Some(format!("{e:#}"));
+            let _ = state.write_atomic(&config.state_file());
+            Err(e.into())
+        }
+    }
+}
+
+fn initial_state(config: &LabConfig, isolation: IsolationState) -> Result<LabState> {
     let me = std::process::id() as i32;
     let mut components = Vec::new();
     for c in config.components.iter() {
@@ -528,6 +697,10 @@ fn initial_state(config: &LabConfig) -> Result<LabState> {
             started_at: None,
             ready_at: None,
             aux: BTreeMap::new(),
+            netns: None,
+            address: None,
+            veth: None,
+            cgroup: BTreeMap::new(),
             error: None,
         });
     }
@@ -540,6 +713,12 @@ fn initial_state(config: &LabConfig) -> Result<LabState> {
         bin_dir: config.bin_dir.clone(),
         repo: config.repo.clone(),
         control_socket: config.control_socket.clone(),
+        isolation,
+        bridge: None,
+        subnet: None,
+        gateway_address: None,
+        cgroup: BTreeMap::new(),
+        host_rules: Vec::new(),
         updated_at: process::now_ms(),
         components,
     })

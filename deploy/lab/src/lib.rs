@@ -2,7 +2,9 @@
 //! in a runtime folder — a private PostgreSQL cluster, a private RabbitMQ node, Prometheus, the
 //! three services and (as root) the probe agent — the way a container runtime would: health-gated
 //! start in dependency order, restart on failure with bounded backoff, one log per component,
-//! and a state file with every pid and port.
+//! and a state file with every pid and port. As root, each component also gets its own network
+//! namespace on a lab bridge and its own cgroups, so a fault hits exactly one component or one
+//! edge ([`isolation`]).
 //!
 //! Two ways in:
 //! - the library: [`Lab::start`] runs the supervisor as tokio tasks inside the caller (tests,
@@ -14,7 +16,9 @@
 //! Code map: [`component`] (the component table), [`config`] (configuration, layout, restart
 //! policy), [`ports`] (port plan), [`state`] (state file), [`launch`] (per-kind recipes),
 //! `supervisor` (one task per component), [`lab`] (the handle), [`control`] (socket
-//! protocol), [`probe`] (readiness checks), [`process`] (pids, signals, logs).
+//! protocol), [`probe`] (readiness checks), [`process`] (pids, signals, logs), [`isolation`]
+//! (bridge, namespaces, cgroups: plan, setup, teardown), [`netns`] (entering a namespace),
+//! [`cgroup`] (the lab's cgroup v1 folders).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), lab::LabError> {
@@ -29,12 +33,15 @@
 //! # let _ = amqp; Ok(()) }
 //! ```
 
+pub mod cgroup;
 pub mod component;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod isolation;
 pub mod lab;
 pub mod launch;
+pub mod netns;
 pub mod ports;
 pub mod probe;
 pub mod process;
@@ -44,10 +51,11 @@ mod supervisor;
 pub use component::{Component, ComponentSet};
 pub use config::{LabConfig, RestartPolicy};
 pub use error::{LabError, Result};
+pub use isolation::{Isolation, IsolationPlan};
 pub use lab::Lab;
 pub use nix::sys::signal::Signal;
 pub use ports::{PortPlan, PortsMode};
-pub use state::{ComponentState, ExitRecord, LabState, Phase, Status};
+pub use state::{ComponentState, ExitRecord, IsolationMode, LabState, Phase, Status};
 
 /// Exit code of a service that rejected its configuration: never restarted.
 pub const EXIT_CONFIG: i32 = 64;

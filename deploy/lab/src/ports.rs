@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::component::Component;
 use crate::error::{LabError, Result};
 
-/// The address every component listens on (namespaces and bridge addresses come later).
+/// The address components listen on without isolation (with it, those that have their own
+/// network namespace listen on their bridge address: [`crate::LabConfig::host`]).
 pub const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
 
 /// How to choose ports.

@@ -3,12 +3,15 @@
 //! It is the lab's contract with everything outside the supervisor process: `lab status`,
 //! `lab down` after the supervisor was SIGKILLed, chaos experiments that need a pid or a port.
 //! It is rewritten atomically (write `state.json.tmp`, then rename) on every change, carries
-//! `"version": 1`, and grows by adding optional fields (readers ignore unknown fields), so the
-//! network namespace, veth and cgroup paths of later issues fit without a version bump.
+//! `"version": 1`, and grows by adding optional fields (readers ignore unknown fields): the
+//! isolation fields (lab: `isolation`, `bridge`, `subnet`, `gateway_address`, `cgroup`,
+//! `host_rules`; component: `netns`, `address`, `veth`, `cgroup`) were added that way, and are
+//! written *before* the things they name are created, so a cleanup after a crash finds them.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write as _;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -43,10 +46,62 @@ pub struct LabState {
     /// Unix socket of the supervisor's control channel (daemon mode only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<PathBuf>,
+    /// Whether the components are isolated (own network namespace and cgroups) and, if not,
+    /// why. Absent in state files of older labs: `none`.
+    #[serde(default)]
+    pub isolation: IsolationState,
+    /// The lab bridge in the host namespace (`sxl1a2b3c`), when isolated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// The lab's subnet on the bridge (`198.18.N.0/24`), when isolated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    /// The bridge's own address (`198.18.N.1`): the components' default route, and the source
+    /// address of the host's traffic to them (Prometheus, tests, loadgen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_address: Option<Ipv4Addr>,
+    /// The lab's own cgroup folder per v1 controller (`cpu`, `memory`, `blkio`): the parent of
+    /// the components' cgroups.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cgroup: BTreeMap<String, PathBuf>,
+    /// iptables rules the lab added in the host namespace, removed again on cleanup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_rules: Vec<HostRule>,
     /// Unix time in ms of the last rewrite.
     pub updated_at: u64,
     /// One entry per component of the lab, in start order.
     pub components: Vec<ComponentState>,
+}
+
+/// Lab-level isolation: on (`netns`) or off (`none`, with the reason).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IsolationState {
+    pub mode: IsolationMode,
+    /// Why isolation is off: not root, disabled by configuration, or missing kernel support.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// How the components are isolated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IsolationMode {
+    /// Everything in the host namespace on 127.0.0.1, no cgroups of the lab's own.
+    #[default]
+    None,
+    /// Own network namespace on the lab bridge (databases and services) and own cgroups
+    /// (every component).
+    Netns,
+}
+
+/// An iptables rule the lab added in the host namespace: `iptables -w -t TABLE -I CHAIN RULE..`
+/// to add, the same with `-C` to check and `-D` to delete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRule {
+    pub table: String,
+    pub chain: String,
+    /// The rule specification (`-i`, `sxl1a2b3c`, `-o`, ..., `-j`, `ACCEPT`).
+    pub rule: Vec<String>,
 }
 
 /// Phase of the lab as a whole.
@@ -207,6 +262,19 @@ pub struct ComponentState {
     /// own process group.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub aux: BTreeMap<String, ProcessRecord>,
+    /// Its network namespace (`ip netns` name, `sxl1a2b3c-gw`), when isolated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    /// Its address on the lab bridge (`198.18.N.x`), when isolated; it listens there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Ipv4Addr>,
+    /// Host side of its veth pair (on the bridge; the namespace side is `eth0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub veth: Option<String>,
+    /// Its cgroup folder per v1 controller (`cpu`, `memory`, `blkio`), when isolated. Every
+    /// process of the component (and its descendants) is in them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cgroup: BTreeMap<String, PathBuf>,
     /// Why it is `failed` (or why the last start attempt went wrong).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -308,6 +376,26 @@ mod tests {
             bin_dir: PathBuf::from("/work/main/target/release"),
             repo: Some(PathBuf::from("/work/main")),
             control_socket: Some(PathBuf::from("/work/main/.lab/control.sock")),
+            isolation: IsolationState {
+                mode: IsolationMode::Netns,
+                reason: None,
+            },
+            bridge: Some("sxl0a1b2c".to_string()),
+            subnet: Some("198.18.0.0/24".to_string()),
+            gateway_address: Some(Ipv4Addr::new(198, 18, 0, 1)),
+            cgroup: [(
+                "cpu".to_string(),
+                PathBuf::from("/sys/fs/cgroup/cpu/sxl0a1b2c"),
+            )]
+            .into_iter()
+            .collect(),
+            host_rules: vec![HostRule {
+                table: "filter".to_string(),
+                chain: "FORWARD".to_string(),
+                rule: ["-i", "sxl0a1b2c", "-o", "sxl0a1b2c", "-j", "ACCEPT"]
+                    .map(String::from)
+                    .to_vec(),
+            }],
             updated_at: 1_700_000_001_000,
             components: vec![ComponentState {
                 name: Component::Rabbitmq,
@@ -347,6 +435,15 @@ mod tests {
                         start_ticks: 6,
                         started_at: 1_700_000_000_000,
                     },
+                )]
+                .into_iter()
+                .collect(),
+                netns: Some("sxl0a1b2c-mq".to_string()),
+                address: Some(Ipv4Addr::new(198, 18, 0, 11)),
+                veth: Some("sxl0a1b2c-mq".to_string()),
+                cgroup: [(
+                    "memory".to_string(),
+                    PathBuf::from("/sys/fs/cgroup/memory/sxl0a1b2c/rabbitmq"),
                 )]
                 .into_iter()
                 .collect(),
@@ -394,6 +491,39 @@ mod tests {
         assert_eq!(c["ports"]["dist"], 25673);
         assert_eq!(c["last_exit"]["signal"], 9);
         assert_eq!(c["aux"]["epmd"]["pid"], 199);
+        assert_eq!(json["isolation"]["mode"], "netns");
+        assert_eq!(json["bridge"], "sxl0a1b2c");
+        assert_eq!(json["subnet"], "198.18.0.0/24");
+        assert_eq!(json["gateway_address"], "198.18.0.1");
+        assert_eq!(json["cgroup"]["cpu"], "/sys/fs/cgroup/cpu/sxl0a1b2c");
+        assert_eq!(json["host_rules"][0]["chain"], "FORWARD");
+        assert_eq!(c["netns"], "sxl0a1b2c-mq");
+        assert_eq!(c["address"], "198.18.0.11");
+        assert_eq!(c["veth"], "sxl0a1b2c-mq");
+        assert_eq!(
+            c["cgroup"]["memory"],
+            "/sys/fs/cgroup/memory/sxl0a1b2c/rabbitmq"
+        );
+    }
+
+    #[test]
+    fn state_files_from_before_isolation_still_read() {
+        let mut json = serde_json::to_value(sample()).expect("encode");
+        let obj = json.as_object_mut().expect("object");
+        for key in [
+            "isolation",
+            "bridge",
+            "subnet",
+            "gateway_address",
+            "cgroup",
+            "host_rules",
+        ] {
+            obj.remove(key);
+        }
+        let old: LabState = serde_json::from_value(json).expect("decode");
+        assert_eq!(old.isolation, IsolationState::default());
+        assert_eq!(old.isolation.mode, IsolationMode::None);
+        assert!(old.bridge.is_none() && old.host_rules.is_empty());
     }
 
     #[test]

@@ -47,6 +47,9 @@ const CONTROL_QUEUE: usize = 16;
 /// Extra time the readiness check gets past its own deadline before it is cut off.
 const READINESS_GRACE: Duration = Duration::from_secs(2);
 
+/// How long to wait for the leftovers of a component killed through its cgroups to be gone.
+const SWEEP_WAIT: Duration = Duration::from_secs(5);
+
 struct Guarded {
     state: LabState,
     /// Set when the lab handle is dropped: spawn nothing more.
@@ -175,8 +178,8 @@ impl Shared {
         });
     }
 
-    /// Synchronously SIGKILLs the process group of every recorded process and stops all future
-    /// spawns. Returns what was still alive.
+    /// Synchronously SIGKILLs the process group of every recorded process, and everything in
+    /// the components' cgroups, and stops all future spawns. Returns what was still alive.
     pub(crate) fn kill_all_now(&self) -> Vec<(String, ProcessRecord)> {
         let mut g = self.lock();
         g.closing = true;
@@ -190,7 +193,53 @@ impl Shared {
                 alive.push((name, rec));
             }
         }
+        if let Some(plan) = &self.cfg.isolation_plan {
+            for c in self.cfg.components.iter() {
+                for pid in plan.placement(c).members() {
+                    let _ = process::signal_process(pid, Signal::SIGKILL);
+                    alive.push((c.to_string(), process::record_existing(pid)));
+                }
+            }
+        }
         alive
+    }
+
+    /// Pids in `c`'s cgroups other than its helpers (epmd): what a signal to the whole
+    /// component reaches besides its process tree. Empty without isolation.
+    pub(crate) fn cgroup_members(&self, c: Component) -> Vec<i32> {
+        let Some(plan) = &self.cfg.isolation_plan else {
+            return Vec::new();
+        };
+        let helpers: Vec<i32> = self
+            .lock()
+            .state
+            .component(c)
+            .map(|cs| cs.aux.values().map(|p| p.pid).collect())
+            .unwrap_or_default();
+        plan.placement(c)
+            .members()
+            .into_iter()
+            .filter(|pid| !helpers.contains(pid))
+            .collect()
+    }
+
+    /// After `c`'s main process is gone: SIGKILLs whatever else of it is left in its cgroups
+    /// (helpers excepted), the way a container's processes die with it, and waits (bounded)
+    /// until they are gone. Returns how many there were.
+    pub(crate) async fn sweep_cgroup(&self, c: Component) -> usize {
+        let left = self.cgroup_members(c);
+        if left.is_empty() {
+            return 0;
+        }
+        let recs: Vec<ProcessRecord> = left.iter().map(|p| process::record_existing(*p)).collect();
+        for pid in &left {
+            let _ = process::signal_process(*pid, Signal::SIGKILL);
+        }
+        let deadline = Instant::now() + SWEEP_WAIT;
+        while recs.iter().any(process::is_alive) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        left.len()
     }
 }
 
@@ -389,8 +438,7 @@ impl Task {
     async fn spawn(&mut self) -> anyhow::Result<Run> {
         let cfg = &self.shared.cfg;
         // Helper ports (epmd) are held by our own helper across restarts.
-        cfg.ports
-            .check_free_except(self.comp, self.recipe.helper_ports())
+        cfg.check_ports_free(self.comp, self.recipe.helper_ports())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         self.recipe.before_spawn(&self.ctx, &self.shared).await?;
         let deadline = Instant::now() + cfg.ready_timeout(self.comp);
@@ -450,8 +498,19 @@ impl Task {
         reason: Option<String>,
     ) -> Phase {
         let now = Instant::now();
-        // The rest of its process group (PostgreSQL backends, ...) goes with it, like a container.
+        // The rest of its process group (PostgreSQL backends, ...) goes with it, like a container;
+        // with isolation, so does everything else in its cgroups.
         let _ = process::signal_group(run.pid, Signal::SIGKILL);
+        let swept = self.shared.sweep_cgroup(self.comp).await;
+        if swept > 0 {
+            process::mark(
+                &self.ctx.log,
+                &format!(
+                    "killed {swept} leftover process(es) in {}'s cgroups",
+                    self.comp
+                ),
+            );
+        }
         let mut exit = match status {
             Ok(s) => ExitRecord::from_status(s, now_ms(), false),
             Err(e) => ExitRecord {
@@ -586,6 +645,7 @@ impl Task {
         for d in descendants.iter().filter(|d| process::is_alive(d)) {
             let _ = process::signal_process(d.pid, Signal::SIGKILL);
         }
+        self.shared.sweep_cgroup(self.comp).await;
         let exit = match status {
             Ok(s) => ExitRecord::from_status(s, now_ms(), true),
             Err(e) => ExitRecord {

@@ -8,6 +8,12 @@
 //!
 //! If PostgreSQL, RabbitMQ or Prometheus is missing the tests fail and say what to install;
 //! with `LAB_SKIP_MISSING=1` they print why and skip instead.
+//!
+//! These labs run on loopback; the isolation tests (namespaces, cgroups, as root) are in
+//! `lab/isolation.rs`, part of this same test binary.
+
+#[path = "lab/isolation.rs"]
+mod isolation;
 
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpStream};
@@ -286,9 +292,12 @@ async fn infra_stack_lifecycle() {
         env["APP__AMQP__URL"],
         lab.url(Component::Rabbitmq).expect("amqp url")
     );
+    // The bearer token of /debug/pprof, shared with the lab's tools through <root>/debug-token.
+    let token = std::fs::read_to_string(lab.root().join("debug-token")).expect("debug-token");
+    assert_eq!(env["APP__DEBUG__TOKEN"], token.trim());
     assert_eq!(
         env.as_object().map(|o| o.len()),
-        Some(4),
+        Some(5),
         "nothing else from APP__*: {env}"
     );
 
@@ -569,8 +578,9 @@ fn lab_cli(root: &Path, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// The CLI: `up` (detached daemon), idempotent `up`, `status --json`, `stop`/`start`, then
-/// `down` after the daemon was SIGKILLed (from the state file), then `up` + `down --purge`.
+/// The CLI on loopback: `up` (detached daemon), idempotent `up`, `status --json`,
+/// `stop`/`start`, then `down` after the daemon was SIGKILLed (from the state file), then
+/// `up` + `down --purge`.
 #[test]
 fn cli_up_down_survives_a_killed_supervisor() {
     if require_infra("cli_up_down_survives_a_killed_supervisor").is_err() {
@@ -578,10 +588,22 @@ fn cli_up_down_survives_a_killed_supervisor() {
     }
     let tmp = temp_root("cli");
     let root = tmp.path().join("root");
-    let up = ["up", "--ports", "ephemeral", "--only", "postgres"];
+    let up = [
+        "up",
+        "--ports",
+        "ephemeral",
+        "--only",
+        "postgres",
+        "--isolation",
+        "none",
+    ];
     let (ok, out) = lab_cli(&root, &up);
     assert!(ok, "lab up: {out}");
     assert!(out.contains("lab is up"), "{out}");
+    assert!(
+        out.contains("isolation: off (disabled by configuration (--isolation none))"),
+        "{out}"
+    );
     let (ok, out) = lab_cli(&root, &up);
     assert!(ok && out.contains("already running"), "second up: {out}");
 

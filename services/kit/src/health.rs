@@ -3,6 +3,10 @@
 //!
 //! Background tasks that own a connection (AMQP, PostgreSQL, the engine client) flip their
 //! dependency's flag as they lose and regain it, so `/readyz` never blocks on a probe.
+//!
+//! Every flag is also exported: `dependency_up{dependency}` (0 from the start) and
+//! `dependency_reconnects_total{dependency}`, which counts returns after a loss (the first
+//! time a dependency comes up is not a reconnect).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,8 +15,32 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Named readiness flags, all false until their owners report in.
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
-    /// Flag and whether readiness requires it.
-    deps: Arc<BTreeMap<&'static str, (AtomicBool, bool)>>,
+    deps: Arc<BTreeMap<&'static str, Flag>>,
+}
+
+#[derive(Debug)]
+struct Flag {
+    up: AtomicBool,
+    /// Was ever up: a later down → up is a reconnect.
+    ever_up: AtomicBool,
+    /// Readiness requires it.
+    required: bool,
+}
+
+impl Flag {
+    fn new(name: &'static str, required: bool) -> (&'static str, Flag) {
+        // Visible at 0 from the start, so that alerts and rate() see the series.
+        metrics::gauge!("dependency_up", "dependency" => name).set(0.0);
+        metrics::counter!("dependency_reconnects_total", "dependency" => name).increment(0);
+        (
+            name,
+            Flag {
+                up: AtomicBool::new(false),
+                ever_up: AtomicBool::new(false),
+                required,
+            },
+        )
+    }
 }
 
 impl Readiness {
@@ -27,12 +55,8 @@ impl Readiness {
     pub fn with_optional(required: &[&'static str], optional: &[&'static str]) -> Readiness {
         let flags = required
             .iter()
-            .map(|d| (*d, (AtomicBool::new(false), true)))
-            .chain(
-                optional
-                    .iter()
-                    .map(|d| (*d, (AtomicBool::new(false), false))),
-            )
+            .map(|d| Flag::new(d, true))
+            .chain(optional.iter().map(|d| Flag::new(d, false)))
             .collect();
         Readiness {
             deps: Arc::new(flags),
@@ -42,10 +66,14 @@ impl Readiness {
     /// Records whether `dependency` is reachable. Unknown names are a programming error.
     pub fn set(&self, dependency: &'static str, up: bool) {
         match self.deps.get(dependency) {
-            Some((flag, _)) => {
-                let was = flag.swap(up, Ordering::Relaxed);
+            Some(flag) => {
+                let was = flag.up.swap(up, Ordering::Relaxed);
                 if was != up {
                     tracing::info!(dependency, up, "dependency readiness changed");
+                }
+                if up && !was && flag.ever_up.swap(true, Ordering::Relaxed) {
+                    metrics::counter!("dependency_reconnects_total", "dependency" => dependency)
+                        .increment(1);
                 }
                 metrics::gauge!("dependency_up", "dependency" => dependency)
                     .set(f64::from(u8::from(up)));
@@ -57,14 +85,14 @@ impl Readiness {
     pub fn is_ready(&self) -> bool {
         self.deps
             .values()
-            .all(|(f, required)| !required || f.load(Ordering::Relaxed))
+            .all(|f| !f.required || f.up.load(Ordering::Relaxed))
     }
 
     /// Every dependency and whether it is up, for the `/readyz` body.
     pub fn snapshot(&self) -> BTreeMap<&'static str, bool> {
         self.deps
             .iter()
-            .map(|(k, (v, _))| (*k, v.load(Ordering::Relaxed)))
+            .map(|(k, f)| (*k, f.up.load(Ordering::Relaxed)))
             .collect()
     }
 }

@@ -6,6 +6,8 @@
 //!   **Architecture invariant:** this is the only module in the workspace's services that
 //!   reads the environment.
 //! * [`telemetry`]: `tracing` logs, human by default, JSON on request.
+//! * [`debug`]: `/debug/pprof` (CPU profiles, jemalloc heap profiles) behind a loopback-or-token
+//!   guard, and the jemalloc allocator every service installs.
 //! * [`metrics`]: the Prometheus recorder with real histogram buckets, and process metrics.
 //! * [`health`]: readiness flags per dependency behind `GET /readyz`.
 //! * [`http`]: the admin routes (`/healthz`, `/readyz`, `/metrics`), the tower-http layers
@@ -18,6 +20,7 @@
 pub mod amqp;
 pub mod checkpoint;
 pub mod config;
+pub mod debug;
 pub mod health;
 pub mod http;
 pub mod metrics;

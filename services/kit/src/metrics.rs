@@ -3,11 +3,20 @@
 //!
 //! Naming follows Prometheus conventions: base units (`_seconds`, `_bytes`), `_total` on
 //! counters. Histograms are bucketed by suffix: `_seconds` for latencies, `_bytes` for sizes,
-//! `_batch_size` for counts per batch.
+//! `_batch_size` for counts per batch. Every metric carries a help text (`promtool check
+//! metrics` refuses a family without one): kit describes the families it owns here
+//! (`http_server_*`, `dependency_*`, `spool_*`), each service describes its own.
+//!
+//! Outbound calls of every service (HTTP to another service, AMQP publishes, SQL
+//! transactions) go through [`observe_dependency_call`], so one family,
+//! `dependency_request_duration_seconds{dependency,operation,result}`, gives rate, errors and
+//! duration of every edge of the system.
 
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::fmt::Write as _;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 /// Latency buckets: 50 µs to 30 s, dense where the exchange lives (sub-millisecond to tens of
 /// milliseconds) and wide enough to show a 25 s kernel connect timeout.
@@ -44,9 +53,109 @@ pub fn install() -> PrometheusHandle {
             let handle = recorder.handle();
             // Fails only if another recorder was installed first, which nothing here does.
             let _ = metrics::set_global_recorder(recorder);
+            describe_shared();
             handle
         })
         .clone()
+}
+
+/// `result` of a successful outbound call in `dependency_request_duration_seconds`.
+pub const RESULT_OK: &str = "ok";
+
+/// Records one outbound call: `dependency_request_duration_seconds{dependency,operation,result}`
+/// (a histogram, so its `_count` is the call rate and `_count{result!="ok"}` the error rate).
+/// `result` is [`RESULT_OK`] or a short, bounded error kind (`timeout`, `connect`,
+/// `server_error`, `transient`, ...); `operation` is a route or verb, never an id.
+pub fn observe_dependency_call(
+    dependency: &'static str,
+    operation: &'static str,
+    result: &'static str,
+    elapsed: Duration,
+) {
+    metrics::histogram!(
+        "dependency_request_duration_seconds",
+        "dependency" => dependency,
+        "operation" => operation,
+        "result" => result
+    )
+    .record(elapsed.as_secs_f64());
+}
+
+/// Help texts of the families kit owns. Descriptions only show for families that have
+/// samples; the owners create those (at 0 where a zero matters for `rate()`).
+fn describe_shared() {
+    describe_counter!(
+        "http_server_requests_total",
+        Unit::Count,
+        "HTTP requests answered, by route template, method and status code."
+    );
+    describe_histogram!(
+        "http_server_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer an HTTP request, by route template and method."
+    );
+    describe_gauge!(
+        "dependency_up",
+        "1 while the dependency is reachable (last call or session succeeded), else 0."
+    );
+    describe_counter!(
+        "dependency_reconnects_total",
+        Unit::Count,
+        "Times a dependency came back after being lost."
+    );
+    describe_histogram!(
+        "dependency_request_duration_seconds",
+        Unit::Seconds,
+        "Duration of outbound calls (HTTP, AMQP publish with confirm, SQL transaction), by dependency, operation and result."
+    );
+    describe_gauge!(
+        "spool_entries",
+        "Entries waiting in the durable retry queue."
+    );
+    describe_gauge!(
+        "spool_bytes",
+        Unit::Bytes,
+        "Payload bytes waiting in the durable retry queue."
+    );
+    describe_gauge!(
+        "spool_limit_entries",
+        "Most entries the retry queue holds before it sheds load."
+    );
+    describe_gauge!(
+        "spool_limit_bytes",
+        Unit::Bytes,
+        "Most payload bytes the retry queue holds before it sheds load."
+    );
+    describe_counter!(
+        "spool_appends_total",
+        Unit::Count,
+        "Entries appended (fsync'ed) to the retry queue."
+    );
+    describe_counter!(
+        "spool_delivered_total",
+        Unit::Count,
+        "Entries delivered and removed from the retry queue."
+    );
+    describe_counter!(
+        "spool_delivery_failures_total",
+        Unit::Count,
+        "Failed delivery attempts of queued entries (the dependency is still away)."
+    );
+    describe_counter!(
+        "spool_full_total",
+        Unit::Count,
+        "Appends refused because the retry queue was full (load shed)."
+    );
+    describe_counter!(
+        "spool_dead_letters_total",
+        Unit::Count,
+        "Queued entries refused for good by their destination, moved to the dead-letter file."
+    );
+    describe_histogram!(
+        "spool_fsync_seconds",
+        Unit::Seconds,
+        "Time to write and fsync one group of retry-queue appends."
+    );
 }
 
 /// Renders every metric plus the `process_*` family, in the Prometheus text format.
@@ -147,6 +256,7 @@ mod tests {
     #[test]
     fn histograms_have_buckets_and_process_metrics_render() {
         let h = install();
+        metrics::describe_histogram!("kit_test_latency_seconds", "A test latency.");
         metrics::histogram!("kit_test_latency_seconds").record(0.003);
         let text = render(&h);
         assert!(
@@ -155,5 +265,73 @@ mod tests {
         );
         assert!(text.contains("# TYPE process_cpu_seconds_total counter"));
         assert!(text.contains("process_resident_memory_bytes "));
+    }
+
+    /// `promtool check metrics` on what kit renders: help texts, names, units, histogram
+    /// layout. Other tests of this crate add their families to the same recorder meanwhile;
+    /// they must pass too.
+    #[test]
+    fn shared_families_pass_promtool_check_metrics() {
+        let h = install();
+        metrics::counter!("http_server_requests_total", "route" => "/v1/x", "method" => "GET", "status" => "200")
+            .increment(1);
+        metrics::histogram!("http_server_request_duration_seconds", "route" => "/v1/x", "method" => "GET")
+            .record(0.001);
+        observe_dependency_call(
+            "engine",
+            "POST /v1/orders",
+            RESULT_OK,
+            Duration::from_millis(2),
+        );
+        observe_dependency_call(
+            "engine",
+            "POST /v1/orders",
+            "timeout",
+            Duration::from_secs(2),
+        );
+        let r = crate::health::Readiness::new(&["kit-test-dependency"]);
+        r.set("kit-test-dependency", true);
+        r.set("kit-test-dependency", false);
+        r.set("kit-test-dependency", true);
+        let text = render(&h);
+        assert!(
+            text.contains("dependency_reconnects_total{dependency=\"kit-test-dependency\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dependency_request_duration_seconds_bucket{dependency=\"engine\",operation=\"POST /v1/orders\",result=\"timeout\",le=\"2.5\"} 1"),
+            "{text}"
+        );
+        let Some(promtool) = std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("promtool"))
+                .find(|p| p.is_file())
+        }) else {
+            println!(
+                "SKIPPED promtool check metrics: promtool not found (install prometheus; `make test` does)"
+            );
+            return;
+        };
+        use std::io::Write as _;
+        let mut child = std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool runs");
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(text.as_bytes())
+            .expect("writing to promtool");
+        let out = child.wait_with_output().expect("promtool finishes");
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -199,6 +199,20 @@ impl Spool {
             arrived: Notify::new(),
         });
         inner.publish_gauges(&inner.lock());
+        // Limits, so that dashboards and alerts can show how full the queue is.
+        metrics::gauge!("spool_limit_entries", "spool" => name)
+            .set(inner.limits.max_entries as f64);
+        metrics::gauge!("spool_limit_bytes", "spool" => name).set(inner.limits.max_bytes as f64);
+        // Counters exist at 0 from the start, so that rate() and alerts see them.
+        for counter in [
+            "spool_appends_total",
+            "spool_delivered_total",
+            "spool_delivery_failures_total",
+            "spool_full_total",
+            "spool_dead_letters_total",
+        ] {
+            metrics::counter!(counter, "spool" => name).increment(0);
+        }
         let (tx, rx) = mpsc::channel(4096);
         let writer_inner = inner.clone();
         std::thread::Builder::new()

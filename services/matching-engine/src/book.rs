@@ -132,6 +132,14 @@ impl OrderBook {
         self.index.is_empty()
     }
 
+    /// Number of price levels on one side.
+    pub fn price_levels(&self, side: Side) -> usize {
+        match side {
+            Side::Buy => self.bids.len(),
+            Side::Sell => self.asks.len(),
+        }
+    }
+
     pub fn best_bid(&self) -> Option<Price> {
         self.bids.last().map(|l| l.price)
     }

@@ -81,6 +81,7 @@ impl Validate for EngineConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.http.validate()?;
         self.log.validate()?;
+        self.debug.validate()?;
         check_url("amqp.url", &self.amqp.url, &["amqp"])?;
         if !(1..=10_000).contains(&self.amqp.batch_events_max) {
             return Err(ConfigError::invalid(

@@ -8,6 +8,7 @@
 //! * [`matcher`]: the single thread that owns the books, batches commands and syncs them.
 //! * [`outbox`]: publishes journaled events to RabbitMQ with confirms from a checkpoint.
 //! * [`api`]: the internal HTTP API the gateway calls.
+//! * [`obs`]: help texts of the engine's metrics.
 //! * [`workload`]: the seeded command stream of `make bench-engine`.
 
 pub mod api;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod exchange;
 pub mod journal;
 pub mod matcher;
+pub mod obs;
 pub mod outbox;
 pub mod workload;
 
@@ -55,6 +57,7 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), RunError> {
     let metrics = kit::metrics::install();
+    obs::describe();
     let readiness = Readiness::with_optional(&["journal"], &["rabbitmq"]);
     let started = Instant::now();
     let dir = config.data.dir.clone();
@@ -106,7 +109,9 @@ pub async fn run(
     let app = kit::http::with_standard_layers(
         api::routes(matcher).merge(kit::http::admin_routes(metrics, readiness)),
         &config.http,
-    );
+    )
+    // After the layers: a 30 s profile must not meet the request timeout.
+    .merge(kit::debug::routes("matching-engine", &config.debug));
     kit::http::serve(listener, app, shutdown.clone())
         .await
         .map_err(io("serving HTTP"))?;

@@ -270,10 +270,15 @@ fn run(
 
 fn publish_book_gauges(exchange: &Exchange) {
     for (spec, book) in exchange.books() {
-        metrics::gauge!("engine_book_orders", "symbol" => spec.symbol.as_str().to_owned())
-            .set(book.len() as f64);
+        let symbol = spec.symbol.as_str();
+        metrics::gauge!("engine_book_orders", "symbol" => symbol.to_owned()).set(book.len() as f64);
+        for (side, label) in [(Side::Buy, "buy"), (Side::Sell, "sell")] {
+            metrics::gauge!("engine_book_price_levels", "symbol" => symbol.to_owned(), "side" => label)
+                .set(book.price_levels(side) as f64);
+        }
     }
     metrics::gauge!("engine_orders_known").set(exchange.orders_known() as f64);
+    metrics::gauge!("engine_last_seq").set(exchange.last_seq() as f64);
 }
 
 fn book_view(exchange: &Exchange, symbol: &str, depth: usize) -> Option<BookView> {

@@ -8,6 +8,12 @@
 //! moves and events wait in the journal; when it returns they go out from the checkpoint.
 //! Delivery is at-least-once (a crash between confirm and checkpoint republishes a batch), and
 //! persistence is idempotent on event sequence numbers.
+//!
+//! Its lag — `engine_outbox_lag_events` (last journaled seq minus last confirmed seq) and
+//! `engine_outbox_lag_bytes` (journal's durable end minus the confirmed offset) — is kept by a
+//! watcher task that follows both positions, so it keeps growing while the broker is away
+//! (the publish loop is then not running). Each publish is stamped with the AMQP `timestamp`
+//! (seconds) that persistence turns into its consumer lag.
 
 use crate::config::AmqpConfig;
 use crate::matcher::Durable;
@@ -53,6 +59,39 @@ enum PublishError {
     Returned,
 }
 
+impl PublishError {
+    /// The `result` label of `dependency_request_duration_seconds{dependency="rabbitmq"}`.
+    fn kind(&self) -> &'static str {
+        match self {
+            PublishError::Amqp(_) => "amqp",
+            PublishError::Journal(_) => "journal",
+            PublishError::ConfirmTimeout(_) => "timeout",
+            PublishError::Nack => "nack",
+            PublishError::Returned => "returned",
+        }
+    }
+}
+
+/// Keeps `engine_outbox_lag_events` and `engine_outbox_lag_bytes` current from the journal's
+/// durable end and the confirmed position, until either side stops or shutdown.
+async fn watch_lag(
+    mut durable: watch::Receiver<Durable>,
+    mut confirmed: watch::Receiver<(u64, u64)>,
+    shutdown: Shutdown,
+) {
+    loop {
+        let end = *durable.borrow_and_update();
+        let (offset, seq) = *confirmed.borrow_and_update();
+        metrics::gauge!("engine_outbox_lag_events").set(end.last_seq.saturating_sub(seq) as f64);
+        metrics::gauge!("engine_outbox_lag_bytes").set(end.offset.saturating_sub(offset) as f64);
+        tokio::select! {
+            r = durable.changed() => if r.is_err() { return },
+            r = confirmed.changed() => if r.is_err() { return },
+            _ = shutdown.wait() => return,
+        }
+    }
+}
+
 impl Outbox {
     /// Runs until shutdown, reconnecting with capped backoff.
     pub async fn run(mut self) -> std::io::Result<()> {
@@ -75,6 +114,12 @@ impl Outbox {
             "outbox starting from its checkpoint"
         );
         metrics::gauge!("engine_outbox_confirmed_seq").set(seq as f64);
+        let (confirmed, confirmed_rx) = watch::channel((offset, seq));
+        let lag = tokio::spawn(watch_lag(
+            self.durable.clone(),
+            confirmed_rx,
+            self.shutdown.clone(),
+        ));
         let initial = Duration::from_millis(50);
         let max = Duration::from_millis(self.config.reconnect_max_ms);
         let mut backoff = initial;
@@ -88,7 +133,9 @@ impl Outbox {
                 Ok((conn, channel)) => {
                     self.readiness.set("rabbitmq", true);
                     backoff = initial;
-                    let result = self.publish_loop(&channel, &journal, &mut checkpoint).await;
+                    let result = self
+                        .publish_loop(&channel, &journal, &mut checkpoint, &confirmed)
+                        .await;
                     let _ = conn.close(200, "engine outbox stopping".into()).await;
                     match result {
                         Ok(()) => break,
@@ -108,6 +155,7 @@ impl Outbox {
             }
             backoff = (backoff * 2).min(max);
         }
+        lag.abort();
         Ok(())
     }
 
@@ -127,13 +175,12 @@ impl Outbox {
         channel: &Channel,
         journal: &File,
         checkpoint: &mut Checkpoint,
+        confirmed: &watch::Sender<(u64, u64)>,
     ) -> Result<(), PublishError> {
         let mut last_sync = Instant::now();
         let (mut offset, mut confirmed_seq) = checkpoint.get();
         loop {
             let durable = *self.durable.borrow_and_update();
-            metrics::gauge!("engine_outbox_lag_events")
-                .set(durable.last_seq.saturating_sub(confirmed_seq) as f64);
             if offset >= durable.offset {
                 if checkpoint.get().0 != offset {
                     checkpoint.set(offset, confirmed_seq)?;
@@ -163,33 +210,47 @@ impl Outbox {
             body.extend_from_slice(&chunk.events_json);
             body.push(b'}');
             let started = Instant::now();
+            let now_secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
             let props = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
+                .with_timestamp(now_secs)
                 .with_message_id(format!("events-{}-{}", chunk.first_seq, chunk.last_seq).into());
-            let confirm = channel
-                .basic_publish(
-                    kit::amqp::EVENTS_EXCHANGE.into(),
-                    kit::amqp::EVENTS_ROUTING_KEY.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &body,
-                    props,
-                )
-                .await?;
             let timeout = Duration::from_millis(self.config.confirm_timeout_ms);
-            let confirmation = tokio::time::timeout(timeout, confirm)
-                .await
-                .map_err(|_| PublishError::ConfirmTimeout(timeout))??;
-            match confirmation {
-                Confirmation::Ack(None) => {}
-                Confirmation::Ack(Some(_)) => return Err(PublishError::Returned),
-                Confirmation::Nack(_) | Confirmation::NotRequested => {
-                    return Err(PublishError::Nack);
+            let published = async {
+                let confirm = channel
+                    .basic_publish(
+                        kit::amqp::EVENTS_EXCHANGE.into(),
+                        kit::amqp::EVENTS_ROUTING_KEY.into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &body,
+                        props,
+                    )
+                    .await?;
+                let confirmation = tokio::time::timeout(timeout, confirm)
+                    .await
+                    .map_err(|_| PublishError::ConfirmTimeout(timeout))??;
+                match confirmation {
+                    Confirmation::Ack(None) => Ok(()),
+                    Confirmation::Ack(Some(_)) => Err(PublishError::Returned),
+                    Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nack),
                 }
             }
+            .await;
+            kit::metrics::observe_dependency_call(
+                "rabbitmq",
+                "publish",
+                published
+                    .as_ref()
+                    .map_or_else(PublishError::kind, |()| kit::metrics::RESULT_OK),
+                started.elapsed(),
+            );
+            published?;
             metrics::histogram!("engine_outbox_publish_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
             metrics::histogram!("engine_outbox_batch_size").record(chunk.events as f64);
@@ -197,6 +258,7 @@ impl Outbox {
                 .increment(chunk.events as u64);
             offset = chunk.end_offset;
             confirmed_seq = chunk.last_seq;
+            confirmed.send_replace((offset, confirmed_seq));
             metrics::gauge!("engine_outbox_confirmed_seq").set(confirmed_seq as f64);
             if last_sync.elapsed() >= CHECKPOINT_INTERVAL {
                 checkpoint.set(offset, confirmed_seq)?;

@@ -72,6 +72,8 @@ pub fn app(gw: Gateway) -> Router {
     let limit = gw.config().http.body_limit_bytes;
     kit::http::with_standard_layers(router, &gw.config().http)
         .layer(middleware::map_response_with_state(limit, json_errors))
+        // After the layers: a 30 s profile must not meet the request timeout.
+        .merge(kit::debug::routes(crate::SERVICE, &gw.config().debug))
 }
 
 /// Rewrites bare (non-JSON) error responses from layers and the router into the error shape.
@@ -116,9 +118,8 @@ fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 /// `POST /v1/orders`.
 async fn create_order(State(gw): State<Gateway>, body: Body) -> Result<Response, AppError> {
     let bytes = read_body(body, gw.config().http.body_limit_bytes).await?;
-    let order = parse::new_order(&bytes, gw.catalog()).inspect_err(|_| {
-        metrics::counter!("gateway_orders_total", "outcome" => "rejected").increment(1);
-    })?;
+    let order = parse::new_order(&bytes, gw.catalog())
+        .inspect_err(|_| crate::gateway::count_rejected("validation"))?;
     gw.submit(order).await
 }
 

@@ -2,10 +2,12 @@
 //! plus where the engine and persistence live and how long to wait for them.
 //!
 //! Every key has a default, so an empty file (or none) is a working lab gateway; the lab
-//! overrides `APP__HTTP__ADDR`, `APP__LOG__FORMAT`, `APP__DATA__DIR`, `APP__ENGINE__URL` and
-//! `APP__PERSISTENCE__URL`. [`GatewayConfig::validate`] runs before any port is bound.
+//! overrides `APP__HTTP__ADDR`, `APP__LOG__FORMAT`, `APP__DATA__DIR`, `APP__ENGINE__URL`,
+//! `APP__PERSISTENCE__URL` and `APP__DEBUG__TOKEN`. [`GatewayConfig::validate`] runs before any port is bound.
 
-use kit::config::{ConfigError, DataConfig, HttpConfig, LogConfig, Validate, check_url};
+use kit::config::{
+    ConfigError, DataConfig, DebugConfig, HttpConfig, LogConfig, Validate, check_url,
+};
 use kit::spool::{Backoff, SpoolLimits};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -35,6 +37,9 @@ pub struct GatewayConfig {
     pub delivery: DeliveryConfig,
     #[serde(default)]
     pub idempotency: IdempotencyConfig,
+    /// `/debug/pprof` access beyond loopback (kit::debug).
+    #[serde(default)]
+    pub debug: DebugConfig,
 }
 
 impl Default for GatewayConfig {
@@ -48,6 +53,7 @@ impl Default for GatewayConfig {
             spool: SpoolLimits::default(),
             delivery: DeliveryConfig::default(),
             idempotency: IdempotencyConfig::default(),
+            debug: DebugConfig::default(),
         }
     }
 }
@@ -193,6 +199,7 @@ impl Validate for GatewayConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.http.validate()?;
         self.log.validate()?;
+        self.debug.validate()?;
         if self.data.dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid("data.dir", "must not be empty"));
         }

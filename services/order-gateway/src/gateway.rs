@@ -85,6 +85,13 @@ fn count_order(outcome: &'static str) {
     metrics::counter!("gateway_orders_total", "outcome" => outcome).increment(1);
 }
 
+/// Counts a rejected order: `gateway_orders_total{outcome="rejected"}` and
+/// `gateway_orders_rejected_total{reason}` (one of [`crate::obs::REJECT_REASONS`]).
+pub(crate) fn count_rejected(reason: &'static str) {
+    count_order("rejected");
+    metrics::counter!("gateway_orders_rejected_total", "reason" => reason).increment(1);
+}
+
 /// Counts one answer to `DELETE /v1/orders/{id}` in `gateway_cancels_total{outcome}`.
 fn count_cancel(outcome: &'static str) {
     metrics::counter!("gateway_cancels_total", "outcome" => outcome).increment(1);
@@ -116,6 +123,7 @@ impl Gateway {
         let ids = OrderIds::start(&dir)?;
         let spool = Spool::open(&dir.join("spool"), SPOOL_NAME, config.spool.clone())?;
         let readiness = Readiness::new(&[READY_SPOOL]);
+        crate::obs::describe();
         let dependencies = Readiness::new(&[upstream::ENGINE, upstream::PERSISTENCE]);
         let engine = EngineClient::new(&config.engine, dependencies.clone())?;
         let persistence = PersistenceClient::new(&config.persistence, dependencies.clone())?;
@@ -289,20 +297,19 @@ impl Gateway {
                 self.remember_answer(&answer, &order.symbol);
                 let body = to_json_bytes(&answer)?;
                 let stored = reservation.complete(StoredAnswer { status: 201, body });
-                count_order(if outcome.reject_reason.is_some() {
-                    "rejected"
-                } else {
-                    "accepted"
-                });
+                match outcome.reject_reason {
+                    Some(reason) => count_rejected(reason.as_str()),
+                    None => count_order("accepted"),
+                }
                 Ok(stored_response(&stored))
             }
             Ok(EngineAnswer::Refused { status, detail }) => {
                 drop(reservation);
-                count_order(if status == StatusCode::CONFLICT {
-                    "conflict"
+                if status == StatusCode::CONFLICT {
+                    count_order("conflict");
                 } else {
-                    "rejected"
-                });
+                    count_rejected("engine_refused");
+                }
                 Err(AppError::Engine { status, detail })
             }
             Err(e) => {

@@ -13,6 +13,7 @@
 //! * [`gateway`]: the state and the decisions (engine or queue, what to answer).
 //! * [`answers`]: the JSON answers (prices as decimal strings on the symbol's grid).
 //! * [`error`]: [`AppError`], the one place errors become JSON answers.
+//! * [`obs`]: help texts of the gateway's metrics.
 //!
 //! [`run`] ties it together for `main`: open, spawn background work, serve until shutdown.
 
@@ -25,6 +26,7 @@ pub mod gateway;
 pub mod idempotency;
 pub mod ids;
 pub mod known;
+pub mod obs;
 pub mod parse;
 pub mod upstream;
 

@@ -3,9 +3,10 @@
 //!
 //! Every call has a connect timeout (~1 s) and a whole-request timeout (~2 s), far below the
 //! kernel's 25 s, so an outage is noticed in about a second. Each call records outbound RED
-//! metrics (`gateway_engine_request_duration_seconds{route,result}`,
-//! `gateway_engine_errors_total{kind}`, and the same for `persistence`) and flips the
-//! dependency's `dependency_up` gauge. Proxies from the environment are ignored: only kit's
+//! metrics (kit's `dependency_request_duration_seconds{dependency,operation,result}` with
+//! `dependency="engine"|"persistence"` and the route as `operation`, and
+//! `gateway_engine_errors_total{kind}` / `gateway_persistence_errors_total{kind}`) and flips
+//! the dependency's `dependency_up` gauge. Proxies from the environment are ignored: only kit's
 //! config module reads the environment.
 
 use crate::config::UpstreamConfig;
@@ -53,11 +54,10 @@ impl CallError {
     }
 }
 
-/// One dependency: a client with its timeouts, its base URL and its metric names.
+/// One dependency: a client with its timeouts, its base URL and its error metric's name.
 #[derive(Debug, Clone)]
 struct Upstream {
     name: &'static str,
-    duration_metric: &'static str,
     errors_metric: &'static str,
     base: String,
     request_timeout_ms: u64,
@@ -68,7 +68,6 @@ struct Upstream {
 impl Upstream {
     fn new(
         name: &'static str,
-        duration_metric: &'static str,
         errors_metric: &'static str,
         config: &UpstreamConfig,
         deps: Readiness,
@@ -82,7 +81,6 @@ impl Upstream {
             .build()?;
         Ok(Upstream {
             name,
-            duration_metric,
             errors_metric,
             base: config.base_url().to_owned(),
             request_timeout_ms: config.request_timeout_ms,
@@ -107,8 +105,7 @@ impl Upstream {
             Ok(_) => "server_error",
             Err(e) => e.kind(),
         };
-        metrics::histogram!(self.duration_metric, "route" => route, "result" => label)
-            .record(started.elapsed().as_secs_f64());
+        kit::metrics::observe_dependency_call(self.name, route, label, started.elapsed());
         match &result {
             Ok((s, _)) if s.is_server_error() => {
                 metrics::counter!(self.errors_metric, "kind" => "status").increment(1);
@@ -202,13 +199,7 @@ pub const ROUTE_COMMANDS: &str = "POST /v1/commands";
 impl EngineClient {
     pub fn new(config: &UpstreamConfig, deps: Readiness) -> Result<EngineClient, reqwest::Error> {
         Ok(EngineClient {
-            up: Upstream::new(
-                ENGINE,
-                "gateway_engine_request_duration_seconds",
-                "gateway_engine_errors_total",
-                config,
-                deps,
-            )?,
+            up: Upstream::new(ENGINE, "gateway_engine_errors_total", config, deps)?,
         })
     }
 
@@ -357,7 +348,6 @@ impl PersistenceClient {
         Ok(PersistenceClient {
             up: Upstream::new(
                 PERSISTENCE,
-                "gateway_persistence_request_duration_seconds",
                 "gateway_persistence_errors_total",
                 config,
                 deps,

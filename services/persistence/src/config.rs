@@ -1,8 +1,10 @@
 //! The persistence service's settings: `[http]`, `[log]`, `[data]` (accepted, unused),
-//! `[database]` (PostgreSQL, batching, retry backoff) and `[amqp]` (RabbitMQ, prefetch,
-//! reconnect backoff). Loaded by `kit::config::load_or_exit`; every check names its key.
+//! `[database]` (PostgreSQL, batching, retry backoff), `[amqp]` (RabbitMQ, prefetch,
+//! reconnect backoff) and `[debug]` (`/debug/pprof` token). Loaded by `kit::config::load_or_exit`; every check names its key.
 
-use kit::config::{ConfigError, DataConfig, HttpConfig, LogConfig, Validate, check_url};
+use kit::config::{
+    ConfigError, DataConfig, DebugConfig, HttpConfig, LogConfig, Validate, check_url,
+};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgConnectOptions;
 use std::str::FromStr;
@@ -27,12 +29,16 @@ pub struct Config {
     pub database: DatabaseConfig,
     #[serde(default)]
     pub amqp: AmqpConfig,
+    /// `/debug/pprof` access beyond loopback (kit::debug).
+    #[serde(default)]
+    pub debug: DebugConfig,
 }
 
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.http.validate()?;
         self.log.validate()?;
+        self.debug.validate()?;
         self.database.validate()?;
         self.amqp.validate()
     }

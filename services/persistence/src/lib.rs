@@ -51,6 +51,8 @@ pub fn app(
         api::routes(state).merge(kit::http::admin_routes(metrics, readiness)),
         &config.http,
     )
+    // After the layers: a 30 s profile must not meet the request timeout.
+    .merge(kit::debug::routes(SERVICE, &config.debug))
 }
 
 /// Runs the service on an already-bound `listener` until `shutdown` triggers: serves HTTP,

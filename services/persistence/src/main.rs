@@ -6,6 +6,16 @@ use anyhow::Context as _;
 use clap::Parser;
 use std::path::PathBuf;
 
+/// jemalloc, so that `/debug/pprof/heap` can read its sampling heap profiler (kit::debug).
+#[global_allocator]
+static ALLOC: kit::debug::Jemalloc = kit::debug::Jemalloc;
+
+/// jemalloc's options, read at start-up from this symbol: heap profiling on, one sample per
+/// 512 KiB allocated on average (`kit::debug::MALLOC_CONF`).
+#[allow(unsafe_code, non_upper_case_globals)]
+#[unsafe(export_name = "malloc_conf")]
+static malloc_conf: &u8 = &kit::debug::MALLOC_CONF[0];
+
 /// Stores the exchange's events in PostgreSQL and serves order status.
 #[derive(Debug, Parser)]
 #[command(version, about)]

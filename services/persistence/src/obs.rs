@@ -41,6 +41,9 @@ pub fn describe() {
     ] {
         metrics::counter!(name).increment(0);
     }
+    for kind in ["transient", "permanent"] {
+        metrics::counter!(DB_ERRORS, "kind" => kind).increment(0);
+    }
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         EVENTS_PERSISTED,

@@ -478,6 +478,12 @@ impl Pipeline {
             let started = Instant::now();
             match self.try_write(&events, &poison, tracker).await {
                 Ok(outcome) => {
+                    kit::metrics::observe_dependency_call(
+                        obs::POSTGRES,
+                        "write_batch",
+                        kit::metrics::RESULT_OK,
+                        started.elapsed(),
+                    );
                     self.postgres.up();
                     if failures > 0 {
                         tracing::info!(attempts = failures + 1, "batch committed after retries");
@@ -487,6 +493,12 @@ impl Pipeline {
                 }
                 Err(e) => {
                     failures += 1;
+                    kit::metrics::observe_dependency_call(
+                        obs::POSTGRES,
+                        "write_batch",
+                        e.kind(),
+                        started.elapsed(),
+                    );
                     metrics::counter!(obs::DB_ERRORS, "kind" => e.kind()).increment(1);
                     if e.is_transient() {
                         self.postgres.down();

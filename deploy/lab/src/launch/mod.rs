@@ -3,8 +3,10 @@
 //! recipe differs.
 //!
 //! Architecture invariant: every process a recipe starts for the long run is spawned through
-//! [`crate::supervisor::Shared`] (so it is recorded before anything else can happen) and leads
-//! its own process group; short helper commands (initdb, pg_isready, psql) are killed when the
+//! [`crate::supervisor::Shared`] (so it is recorded before anything else can happen), leads
+//! its own process group, and — when the lab isolates — starts inside its component's network
+//! namespace and cgroups ([`base_command`]); short helper commands (initdb, pg_isready, psql)
+//! run in the host namespace, reach the component at its address, and are killed when the
 //! future running them is dropped.
 
 mod postgres;
@@ -25,6 +27,7 @@ use tokio::time::Instant;
 
 use crate::component::{Component, Kind};
 use crate::config::LabConfig;
+use crate::isolation::Placement;
 use crate::process;
 use crate::supervisor::Shared;
 
@@ -45,6 +48,8 @@ pub(crate) struct Ctx {
     pub data_dir: PathBuf,
     /// `<root>/logs/<component>.log`.
     pub log: PathBuf,
+    /// Its network namespace and cgroups, when the lab isolates.
+    pub placement: Option<Placement>,
 }
 
 impl Ctx {
@@ -54,8 +59,14 @@ impl Ctx {
             dir: cfg.component_dir(comp),
             data_dir: cfg.data_dir(comp),
             log: cfg.log_file(comp),
+            placement: cfg.isolation_plan.as_ref().map(|p| p.placement(comp)),
             cfg,
         }
+    }
+
+    /// The address this component listens on (its bridge address, or 127.0.0.1).
+    pub(crate) fn host(&self) -> std::net::Ipv4Addr {
+        self.cfg.host(self.comp)
     }
 
     /// A port of this component from the plan.
@@ -166,11 +177,22 @@ impl Recipe {
 
 /// A command for a long-running process: its own process group, stdin from /dev/null,
 /// stdout+stderr appended to the component log, the component folder as working directory,
-/// and none of the `APP__*` / `NOTIFY_SOCKET` variables the lab itself may have inherited (a
-/// service is configured only by what the lab sets).
+/// none of the `APP__*` / `NOTIFY_SOCKET` variables the lab itself may have inherited (a
+/// service is configured only by what the lab sets), and — when the lab isolates — started
+/// inside the component's network namespace and cgroups.
 pub(crate) fn base_command(
     program: impl AsRef<std::ffi::OsStr>,
     ctx: &Ctx,
+) -> anyhow::Result<Command> {
+    base_command_as(program, ctx, None)
+}
+
+/// [`base_command`] run as `user` (uid, gid) instead of ourselves. With isolation the switch
+/// happens after entering the namespace and cgroups (which needs root).
+pub(crate) fn base_command_as(
+    program: impl AsRef<std::ffi::OsStr>,
+    ctx: &Ctx,
+    user: Option<(nix::unistd::Uid, nix::unistd::Gid)>,
 ) -> anyhow::Result<Command> {
     let log = process::open_log(&ctx.log)?;
     let log2 = log.try_clone().context("duplicating the log file handle")?;
@@ -188,6 +210,13 @@ pub(crate) fn base_command(
         {
             cmd.env_remove(key);
         }
+    }
+    match (&ctx.placement, user) {
+        (Some(placement), user) => placement.apply(cmd.as_std_mut(), user)?,
+        (None, Some((uid, gid))) => {
+            cmd.uid(uid.as_raw()).gid(gid.as_raw());
+        }
+        (None, None) => {}
     }
     Ok(cmd)
 }

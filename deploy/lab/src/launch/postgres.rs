@@ -2,9 +2,11 @@
 //!
 //! `initdb` runs once (as the `postgres` user when the lab runs as root: PostgreSQL refuses to
 //! run as root), then the `postmaster` runs in the foreground as the supervised process,
-//! listening on 127.0.0.1 with its socket in `<root>/postgres/run` (never /var/run/postgresql).
-//! fsync stays on: the lab demonstrates durability. Ready means `pg_isready` succeeds and the
-//! `exchange` database exists (created on the first start).
+//! listening on 127.0.0.1 (or, when the lab isolates, on its bridge address inside its own
+//! network namespace) with its socket in `<root>/postgres/run` (never /var/run/postgresql).
+//! `pg_hba.conf` trusts the lab bridge range 198.18.0.0/15 besides loopback. fsync stays on:
+//! the lab demonstrates durability. Ready means `pg_isready` (from the host, at its address)
+//! succeeds and the `exchange` database exists (created on the first start).
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -15,7 +17,7 @@ use tokio::process::Command;
 use tokio::time::Instant;
 
 use super::{
-    Ctx, Readiness, base_command, check_executable, check_socket_path, run_captured, run_logged,
+    Ctx, Readiness, base_command_as, check_executable, check_socket_path, run_captured, run_logged,
 };
 use crate::config::DATABASE;
 use crate::probe;
@@ -25,6 +27,10 @@ const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// The OS user PostgreSQL runs as when the lab is root.
 const PG_USER: &str = "postgres";
+
+/// Appended once to `pg_hba.conf`: clients on lab bridges (components in their own network
+/// namespaces, and the host through the bridge address) may connect like local ones.
+const HBA_LAB_LINE: &str = "host all all 198.18.0.0/15 trust # added by lab: the lab bridges";
 
 fn bin(name: &str) -> PathBuf {
     Path::new(PG_BIN).join(name)
@@ -102,6 +108,29 @@ impl Postgres {
         }
     }
 
+    /// Lets clients on the lab bridges in (idempotent: the line is added once).
+    fn trust_lab_bridges(&self, ctx: &Ctx) -> anyhow::Result<()> {
+        let hba = ctx.data_dir.join("pg_hba.conf");
+        let text =
+            std::fs::read_to_string(&hba).with_context(|| format!("reading {}", hba.display()))?;
+        if text.lines().any(|l| l.trim() == HBA_LAB_LINE) {
+            return Ok(());
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&hba)
+            .with_context(|| format!("opening {}", hba.display()))?;
+        use std::io::Write as _;
+        let sep = if text.ends_with('\n') || text.is_empty() {
+            ""
+        } else {
+            "\n"
+        };
+        writeln!(file, "{sep}{HBA_LAB_LINE}")
+            .with_context(|| format!("appending to {}", hba.display()))?;
+        Ok(())
+    }
+
     pub(super) async fn prepare(&mut self, ctx: &Ctx) -> anyhow::Result<()> {
         self.user = run_as()?;
         let run = socket_dir(ctx);
@@ -114,7 +143,7 @@ impl Postgres {
         std::fs::set_permissions(&ctx.data_dir, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("chmod 700 {}", ctx.data_dir.display()))?;
         if ctx.data_dir.join("PG_VERSION").is_file() {
-            return Ok(());
+            return self.trust_lab_bridges(ctx);
         }
         crate::process::mark(&ctx.log, &format!("initdb {}", ctx.data_dir.display()));
         let mut cmd = Command::new(bin("initdb"));
@@ -130,15 +159,17 @@ impl Postgres {
             ])
             .current_dir(&ctx.dir);
         self.as_user(&mut cmd);
-        run_logged(cmd, &ctx.log, "initdb").await
+        run_logged(cmd, &ctx.log, "initdb").await?;
+        self.trust_lab_bridges(ctx)
     }
 
     pub(super) fn command(&self, ctx: &Ctx) -> anyhow::Result<Command> {
         let port = ctx.port("postgres")?;
-        let mut cmd = base_command(bin("postgres"), ctx)?;
+        let host = ctx.host().to_string();
+        let mut cmd = base_command_as(bin("postgres"), ctx, self.user)?;
         cmd.arg("-D")
             .arg(&ctx.data_dir)
-            .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
+            .args(["-p", &port.to_string(), "-h", &host, "-k"])
             .arg(socket_dir(ctx))
             .args([
                 "-c",
@@ -148,37 +179,27 @@ impl Postgres {
                 "-c",
                 "logging_collector=off",
             ]);
-        self.as_user(&mut cmd);
         Ok(cmd)
     }
 
     pub(super) fn readiness(&self, ctx: &Ctx, deadline: Instant) -> anyhow::Result<Readiness> {
         let port = ctx.port("postgres")?.to_string();
+        let host = ctx.host().to_string();
         Ok(Box::pin(async move {
             probe::poll_until("postgres", deadline, || {
                 let mut cmd = Command::new(bin("pg_isready"));
                 cmd.args([
-                    "-q",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port,
-                    "-U",
-                    "postgres",
-                    "-d",
-                    "postgres",
-                    "-t",
-                    "2",
+                    "-q", "-h", &host, "-p", &port, "-U", "postgres", "-d", "postgres", "-t", "2",
                 ]);
                 run_captured(cmd, "pg_isready")
             })
             .await?;
-            ensure_database(&port).await
+            ensure_database(&host, &port).await
         }))
     }
 }
 
-fn psql(port: &str, sql: &str) -> Command {
+fn psql(host: &str, port: &str, sql: &str) -> Command {
     let mut cmd = Command::new(bin("psql"));
     cmd.args([
         "-X",
@@ -188,7 +209,7 @@ fn psql(port: &str, sql: &str) -> Command {
         "-v",
         "ON_ERROR_STOP=1",
         "-h",
-        "127.0.0.1",
+        host,
         "-p",
         port,
     ])
@@ -197,9 +218,10 @@ fn psql(port: &str, sql: &str) -> Command {
 }
 
 /// Creates the `exchange` database unless it exists.
-async fn ensure_database(port: &str) -> anyhow::Result<()> {
+async fn ensure_database(host: &str, port: &str) -> anyhow::Result<()> {
     let exists = run_captured(
         psql(
+            host,
             port,
             &format!("SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"),
         ),
@@ -208,9 +230,12 @@ async fn ensure_database(port: &str) -> anyhow::Result<()> {
     .await
     .context("checking for the exchange database")?;
     if exists.trim() != "1" {
-        run_captured(psql(port, &format!("CREATE DATABASE {DATABASE}")), "psql")
-            .await
-            .context("creating the exchange database")?;
+        run_captured(
+            psql(host, port, &format!("CREATE DATABASE {DATABASE}")),
+            "psql",
+        )
+        .await
+        .context("creating the exchange database")?;
         tracing::info!(database = DATABASE, "created database");
     }
     Ok(())

@@ -1,7 +1,8 @@
 //! Prometheus with a configuration rendered by the lab.
 //!
 //! `<root>/prometheus/prometheus.yml` scrapes every scraped component of the lab (one job per
-//! component, named after it, label `component`) and Prometheus itself every second, and loads
+//! component, named after it, label `component`; at its bridge address when the lab isolates:
+//! Prometheus itself stays in the host namespace) and Prometheus itself every second, and loads
 //! `deploy/prometheus/rules/*.yml` from the repository checkout when that folder exists.
 
 use std::fmt::Write as _;
@@ -13,7 +14,6 @@ use tokio::process::Command;
 use super::{Ctx, base_command, check_executable};
 use crate::component::Component;
 use crate::config::LabConfig;
-use crate::ports::LOOPBACK;
 
 /// Where the rule files live inside the repository checkout.
 pub const RULES_DIR: &str = "deploy/prometheus/rules";
@@ -64,16 +64,23 @@ pub fn render_config(cfg: &LabConfig) -> anyhow::Result<String> {
     writeln!(w, "scrape_configs:")?;
     let mut jobs = vec![(
         Component::Prometheus.name(),
+        cfg.host(Component::Prometheus),
         cfg.ports.primary(Component::Prometheus)?,
     )];
     for c in cfg.components.iter().filter(|c| c.spec().scraped) {
-        jobs.push((c.name(), cfg.ports.port(c, "http")?));
+        // Through the lab bridge for components in their own namespace.
+        jobs.push((c.name(), cfg.host(c), cfg.ports.port(c, "http")?));
     }
-    for (job, port) in jobs {
+    for (job, host, port) in jobs {
         writeln!(w, "  - job_name: {job}")?;
         writeln!(w, "    metrics_path: /metrics")?;
+        if job == Component::Probes.name() {
+            // The agent's own `component` label (whose kernel event it is) must win over the
+            // target's; otherwise Prometheus renames it to `exported_component`.
+            writeln!(w, "    honor_labels: true")?;
+        }
         writeln!(w, "    static_configs:")?;
-        writeln!(w, "      - targets: ['{LOOPBACK}:{port}']")?;
+        writeln!(w, "      - targets: ['{host}:{port}']")?;
         writeln!(w, "        labels:\n          component: {job}")?;
     }
     Ok(out)
@@ -103,7 +110,7 @@ impl Prometheus {
             ctx.dir.join("prometheus.yml").display()
         ))
         .arg(format!("--storage.tsdb.path={}", ctx.data_dir.display()))
-        .arg(format!("--web.listen-address={LOOPBACK}:{port}"))
+        .arg(format!("--web.listen-address={}:{port}", ctx.host()))
         .arg("--web.enable-lifecycle");
         Ok(cmd)
     }

@@ -13,6 +13,11 @@
 //! listener, the user and its permissions.
 //! AMQP logins use a dedicated user and `loopback_users = none`, so clients in network
 //! namespaces can log in too.
+//!
+//! When the lab isolates, the node, its epmd and everything they start run in RabbitMQ's own
+//! network namespace: AMQP listens on its bridge address, Erlang distribution and epmd on that
+//! namespace's loopback (epmd also on the bridge address, so the lab can check it from the
+//! host). `rabbitmqctl` must then run inside the namespace: see [`crate::netns::command`].
 
 use std::io::Read as _;
 use std::os::unix::fs::PermissionsExt as _;
@@ -90,6 +95,17 @@ fn new_cookie() -> anyhow::Result<String> {
         .and_then(|mut f| f.read_exact(&mut bytes))
         .context("reading /dev/urandom for the Erlang cookie")?;
     Ok(bytes.iter().map(|b| char::from(b'A' + b % 26)).collect())
+}
+
+/// Where epmd listens: loopback (where the node looks for it), plus the bridge address when
+/// the node has its own namespace (so the lab can check it from the host).
+fn epmd_addresses(ctx: &Ctx) -> String {
+    let host = ctx.host();
+    if host == LOOPBACK {
+        LOOPBACK.to_string()
+    } else {
+        format!("{LOOPBACK},{host}")
+    }
 }
 
 #[derive(Default)]
@@ -170,16 +186,11 @@ impl Rabbitmq {
         }
         let port = ctx.port("epmd")?;
         let mut cmd = base_command(EPMD, ctx)?;
-        cmd.args([
-            "-port",
-            &port.to_string(),
-            "-address",
-            &LOOPBACK.to_string(),
-        ]);
+        cmd.args(["-port", &port.to_string(), "-address", &epmd_addresses(ctx)]);
         self.erlang_env(ctx, &mut cmd)?;
         let child = shared.spawn_aux(ctx.comp, EPMD_AUX, &mut cmd)?;
         self.epmd = Some(child);
-        let addr = std::net::SocketAddr::from((LOOPBACK, port));
+        let addr = std::net::SocketAddr::from((ctx.host(), port));
         let deadline = Instant::now() + Duration::from_secs(10);
         probe::poll_until("epmd", deadline, || probe::epmd_names(addr)).await?;
         Ok(())
@@ -190,7 +201,7 @@ impl Rabbitmq {
         self.erlang_env(ctx, &mut cmd)?;
         let dir = &ctx.dir;
         cmd.env("RABBITMQ_NODENAME", NODE_NAME)
-            .env("RABBITMQ_NODE_IP_ADDRESS", LOOPBACK.to_string())
+            .env("RABBITMQ_NODE_IP_ADDRESS", ctx.host().to_string())
             .env("RABBITMQ_NODE_PORT", ctx.port("amqp")?.to_string())
             // Explicit: the default (node port + 20000) overflows for high ports.
             .env("RABBITMQ_DIST_PORT", ctx.port("dist")?.to_string())
@@ -216,7 +227,7 @@ impl Rabbitmq {
             .notify
             .take()
             .context("the notify socket was not bound before the spawn")?;
-        let addr = std::net::SocketAddr::from((LOOPBACK, ctx.port("amqp")?));
+        let addr = std::net::SocketAddr::from((ctx.host(), ctx.port("amqp")?));
         Ok(Box::pin(async move {
             let mut buf = vec![0u8; 4096];
             let mut last_status = String::from("no notification yet");

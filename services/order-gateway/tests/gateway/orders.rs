@@ -197,7 +197,7 @@ async fn engine_down_queues_then_delivers_in_order_exactly_once() {
     for name in [
         "gateway_orders_total{outcome=\"queued\"}",
         "gateway_engine_errors_total{kind=\"connect\"}",
-        "gateway_engine_request_duration_seconds_bucket",
+        "dependency_request_duration_seconds_bucket{dependency=\"engine\"",
         "dependency_up{dependency=\"engine\"}",
         "spool_delivered_total",
         "http_server_requests_total",

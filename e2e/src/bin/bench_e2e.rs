@@ -1,0 +1,257 @@
+//! `make bench-e2e`: sustained throughput and acknowledgement latency through the whole
+//! pipeline (gateway → engine → RabbitMQ → persistence → PostgreSQL) on this machine, and in the
+//! same run the pipeline's ceiling: raw RabbitMQ publish-with-confirm throughput and raw
+//! PostgreSQL batched-insert throughput. Writes `target/bench/e2e.json`.
+//!
+//! It starts its own lab (release binaries next to this one, free ports, loopback), so it does
+//! not disturb a running `make demo`.
+
+use anyhow::Context;
+use clap::Parser;
+use e2e::lab_root;
+use lab::{Component, Lab, LabConfig};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use loadgen::capacity::{CapacitySpec, search};
+use loadgen::flow::FlowSpec;
+use loadgen::run::RunSpec;
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(about = "End-to-end throughput and latency of the exchange, against the pipeline's ceiling")]
+struct Args {
+    /// p99 acknowledgement latency the sustained rate must stay under.
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    max_p99: Duration,
+    /// First rate of the capacity search.
+    #[arg(long, default_value_t = 500.0)]
+    start_rate: f64,
+    /// How long each rate is held.
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    step: Duration,
+    /// Messages / rows for each ceiling measurement.
+    #[arg(long, default_value_t = 50_000)]
+    ceiling_items: usize,
+    #[arg(long, default_value = "target/bench/e2e.json")]
+    out: PathBuf,
+}
+
+/// A payload the size of one order's events on the wire (accepted + a trade, ~400 bytes).
+fn event_payload(i: usize) -> Vec<u8> {
+    format!(
+        "{{\"v\":1,\"events\":[{{\"seq\":{i},\"type\":\"accepted\",\"order\":{{\"order_id\":{i},\"client_order_id\":\"bench-{i}\",\"account\":\"acct-7\",\"symbol\":\"AAPL\",\"side\":\"buy\",\"type\":\"limit\",\"price\":10125,\"quantity\":10,\"time_in_force\":\"gtc\"}}}},{{\"seq\":{},\"type\":\"trade\",\"symbol\":\"AAPL\",\"maker_order_id\":1,\"taker_order_id\":{i},\"taker_side\":\"buy\",\"price\":10125,\"quantity\":10}}]}}",
+        i + 1
+    )
+    .into_bytes()
+}
+
+/// Persistent messages published with confirms, 1,000 outstanding at a time, to a scratch
+/// durable queue: messages per second.
+async fn rabbitmq_ceiling(url: &str, n: usize) -> anyhow::Result<f64> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let queue = "bench.ceiling";
+    ch.queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default())
+        .await?;
+    let start = Instant::now();
+    let mut pending = std::collections::VecDeque::new();
+    for i in 0..n {
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &event_payload(i),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        pending.push_back(confirm);
+        if pending.len() >= 1000
+            && let Some(c) = pending.pop_front()
+        {
+            anyhow::ensure!(c.await?.is_ack(), "broker nacked a message");
+        }
+    }
+    while let Some(c) = pending.pop_front() {
+        anyhow::ensure!(c.await?.is_ack(), "broker nacked a message");
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    ch.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
+    conn.close(200, "done".into()).await?;
+    Ok(rate)
+}
+
+/// Rows like persistence's events, inserted 1,000 per transaction with UNNEST: rows per second.
+async fn postgres_ceiling(url: &str, n: usize) -> anyhow::Result<f64> {
+    let pool = sqlx::PgPool::connect(url).await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS bench_ceiling (seq bigint primary key, type text, order_id bigint, payload jsonb, at timestamptz default now())")
+        .execute(&pool)
+        .await?;
+    sqlx::query("TRUNCATE bench_ceiling").execute(&pool).await?;
+    let start = Instant::now();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let seqs: Vec<i64> = chunk.iter().map(|&i| i as i64).collect();
+        let types: Vec<String> = chunk.iter().map(|_| "accepted".to_owned()).collect();
+        let payloads: Vec<String> = chunk
+            .iter()
+            .map(|&i| String::from_utf8_lossy(&event_payload(i)).into_owned())
+            .collect();
+        let mut tx = pool.begin().await?;
+        sqlx::query("INSERT INTO bench_ceiling (seq, type, order_id, payload) SELECT s, t, s, p::jsonb FROM UNNEST($1::bigint[], $2::text[], $3::text[]) AS x(s, t, p)")
+            .bind(&seqs)
+            .bind(&types)
+            .bind(&payloads)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    sqlx::query("DROP TABLE bench_ceiling").execute(&pool).await?;
+    pool.close().await;
+    Ok(rate)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .context("no folder for this binary")?
+        .to_owned();
+    let config = LabConfig::ephemeral(lab_root("bench-e2e")?, [Component::OrderGateway])?.with_bin_dir(&bin_dir);
+    eprintln!("starting a lab from {} ...", bin_dir.display());
+    let lab = Lab::start(config).await.context("starting the lab")?;
+    let gateway = lab.url(Component::OrderGateway)?;
+    let database = lab.url(Component::Postgres)?;
+    let amqp = lab.url(Component::Rabbitmq)?;
+    let symbols: Vec<String> = ["AAPL", "MSFT", "GOOG", "AMZN", "TSLA", "NVDA"].map(String::from).to_vec();
+
+    eprintln!("demo load: 30 orders/s for 20 s ...");
+    let demo = loadgen::run::run(
+        RunSpec {
+            target: gateway.clone(),
+            rate_per_sec: 30.0,
+            duration: Duration::from_secs(20),
+            flow: FlowSpec {
+                seed: 1,
+                symbols: symbols.clone(),
+                cancel_share: 0.1,
+                accounts: 50,
+                client_id_prefix: format!("bench-demo-{}", std::process::id()),
+            },
+            ledger: None,
+            summary: None,
+            request_timeout: Duration::from_secs(10),
+            max_in_flight: 10_000,
+            progress: false,
+        },
+        std::future::pending(),
+    )
+    .await?;
+    eprint!("{}", demo.table());
+
+    eprintln!("capacity search: highest rate with ack p99 < {:?} ...", args.max_p99);
+    let cap = search(
+        &CapacitySpec {
+            target: gateway.clone(),
+            start_rate: args.start_rate,
+            factor: 1.6,
+            max_rate: 100_000.0,
+            step: args.step,
+            max_p99: args.max_p99,
+            max_error_rate: 0.001,
+            baseline_rate: 30.0,
+            refine: 3,
+            symbols: symbols.clone(),
+            seed: 2,
+            request_timeout: Duration::from_secs(10),
+            max_in_flight: 20_000,
+            client_id_prefix: format!("bench-cap-{}", std::process::id()),
+        },
+        |s| {
+            eprintln!(
+                "  {:>8.0}/s  achieved {:>8.1}/s  p99 {:>8.2} ms  errors {:.2}%  {}",
+                s.rate_per_sec,
+                s.achieved_rate_per_sec,
+                s.ack_p99_ms,
+                s.error_rate * 100.0,
+                if s.sustained { "ok" } else { "broke" }
+            )
+        },
+    )
+    .await?;
+    let best = cap
+        .steps
+        .iter()
+        .filter(|s| s.sustained)
+        .max_by(|a, b| a.rate_per_sec.total_cmp(&b.rate_per_sec))
+        .cloned();
+
+    // Rows written per acknowledged order, to turn PostgreSQL rows/s into orders/s.
+    let pool = sqlx::PgPool::connect(&database).await?;
+    let (events, orders, trades): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM orders), (SELECT count(*) FROM trades)",
+    )
+    .fetch_one(&pool)
+    .await?;
+    pool.close().await;
+    let rows_per_order = (events + orders + trades) as f64 / orders.max(1) as f64;
+
+    eprintln!("ceilings: RabbitMQ publish with confirms, PostgreSQL batched inserts ({} each) ...", args.ceiling_items);
+    let rabbit = rabbitmq_ceiling(&amqp, args.ceiling_items).await?;
+    let pg_rows = postgres_ceiling(&database, args.ceiling_items).await?;
+    let pg_orders = pg_rows / rows_per_order;
+    let ceiling = rabbit.min(pg_orders);
+    let sustained = cap.sustainable_rate_per_sec;
+    let result = json!({
+        "benchmark": "e2e",
+        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
+        "orders_per_sec": sustained,
+        "achieved_orders_per_sec": best.as_ref().map(|s| s.achieved_rate_per_sec),
+        "p99_bound_ms": args.max_p99.as_secs_f64() * 1000.0,
+        "p50_ms": best.as_ref().map(|s| s.ack_p50_ms),
+        "p99_ms": best.as_ref().map(|s| s.ack_p99_ms),
+        "demo_rate": 30,
+        "demo_p50_ms": demo.ack_latency.p50_ms,
+        "demo_p99_ms": demo.ack_latency.p99_ms,
+        "demo_p999_ms": demo.ack_latency.p999_ms,
+        "ceiling": {
+            "rabbitmq_publish_confirm_msgs_per_sec": rabbit.round(),
+            "postgres_batched_insert_rows_per_sec": pg_rows.round(),
+            "rows_per_order": (rows_per_order * 100.0).round() / 100.0,
+            "postgres_orders_per_sec": pg_orders.round(),
+            "orders_per_sec": ceiling.round(),
+        },
+        "ratio_to_ceiling": if ceiling > 0.0 { (sustained / ceiling * 1000.0).round() / 1000.0 } else { 0.0 },
+        "capacity": cap,
+        "targets": {"orders_per_sec": 20_000, "p99_ms": 20, "ratio_to_ceiling": 0.5, "demo_p99_ms": 5},
+    });
+    println!("end-to-end benchmark (whole pipeline on this machine, load generator included):");
+    println!("  sustained: {sustained:.0} orders/s with ack p99 < {:?}", args.max_p99);
+    if let Some(b) = &best {
+        println!("    at that rate: p50 {:.2} ms, p99 {:.2} ms", b.ack_p50_ms, b.ack_p99_ms);
+    }
+    println!(
+        "  demo load 30/s: p50 {:.2} ms, p99 {:.2} ms",
+        demo.ack_latency.p50_ms, demo.ack_latency.p99_ms
+    );
+    println!(
+        "  ceiling: RabbitMQ {:.0} msgs/s, PostgreSQL {:.0} rows/s = {:.0} orders/s ({:.2} rows per order) -> {:.0} orders/s",
+        rabbit, pg_rows, pg_orders, rows_per_order, ceiling
+    );
+    println!("  ratio to the ceiling: {:.1}%", sustained / ceiling.max(1.0) * 100.0);
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&result)? + "\n")?;
+    println!("  wrote {}", args.out.display());
+    lab.shutdown().await?;
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! `profiler`: CPU and heap profiles of the running lab, flamegraphs, the category breakdown,
+//! and the profiling-overhead benchmark. See docs/profiling.md.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use profiler::analyze::{self, Rules};
+use profiler::capture::{self, CaptureOptions};
+use profiler::overhead::{self, OverheadOptions};
+use profiler::target::{SERVICES, Stack};
+use profiler::view;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Profiles of the simulated exchange: flamegraphs, heap, category breakdown, overhead"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// CPU profile of every service while the demo load runs -> profiles/<time>/<service>.svg, .pb.gz
+    Cpu(CaptureArgs),
+    /// CPU and heap profiles of every service, plus a metrics snapshot
+    All(CaptureArgs),
+    /// Write profiles/<time>/index.html linking every flamegraph; open it or serve it
+    View(ViewArgs),
+    /// CPU share by category, top functions and suggestions (markdown on screen, JSON on disk)
+    Analyze(AnalyzeArgs),
+    /// Throughput and CPU per 1,000 orders with continuous profiling on vs off (JSON report)
+    Overhead(OverheadArgs),
+}
+
+#[derive(clap::Args)]
+struct CaptureArgs {
+    /// The lab's state file (services, addresses, debug token).
+    #[arg(long, default_value = ".lab/state.json")]
+    state: PathBuf,
+    /// Where the <time> folders go.
+    #[arg(long, default_value = "profiles")]
+    out: PathBuf,
+    /// Length of the CPU profile.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Samples per CPU-second.
+    #[arg(long, default_value_t = kit::debug::DEFAULT_HZ)]
+    hz: u32,
+    /// Orders per second sent to the gateway while profiling (the demo's 30); 0 = no load.
+    #[arg(long, default_value_t = 30.0)]
+    rate: f64,
+    /// Load before profiling starts.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Seed of the order flow.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(clap::Args)]
+struct ViewArgs {
+    /// A profiles folder [default: the newest under --out].
+    dir: Option<PathBuf>,
+    #[arg(long, default_value = "profiles")]
+    out: PathBuf,
+    /// Port to serve on when there is no browser (0: any free port).
+    #[arg(long, default_value_t = 8099)]
+    port: u16,
+    /// Only write index.html and print its path.
+    #[arg(long)]
+    no_serve: bool,
+}
+
+#[derive(clap::Args)]
+struct AnalyzeArgs {
+    /// A profiles folder or one profile (.pb.gz or .collapsed) [default: the newest folder under --out].
+    path: Option<PathBuf>,
+    #[arg(long, default_value = "profiles")]
+    out: PathBuf,
+    /// Rules file [default: profiler/categories.toml if present, else the built-in copy].
+    #[arg(long)]
+    rules: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct OverheadArgs {
+    #[arg(long, default_value = ".lab/state.json")]
+    state: PathBuf,
+    /// Fixed load in orders per second.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Length of each on/off window.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    window: Duration,
+    /// Number of (off, on) pairs, alternated ABBA.
+    #[arg(long, default_value_t = 3)]
+    pairs: usize,
+    #[arg(long, default_value_t = kit::debug::DEFAULT_HZ)]
+    hz: u32,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "target/bench/profiling-overhead.json")]
+    json: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Cmd::Cpu(a) => capture_cmd(a, false).await,
+        Cmd::All(a) => capture_cmd(a, true).await,
+        Cmd::View(a) => view_cmd(a).await,
+        Cmd::Analyze(a) => analyze_cmd(a),
+        Cmd::Overhead(a) => overhead_cmd(a).await,
+    }
+}
+
+async fn capture_cmd(a: CaptureArgs, all: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=kit::debug::MAX_SECONDS).contains(&a.seconds),
+        "--seconds must be between 1 and {}",
+        kit::debug::MAX_SECONDS
+    );
+    anyhow::ensure!(
+        (1..=kit::debug::MAX_HZ).contains(&a.hz),
+        "--hz must be between 1 and {}",
+        kit::debug::MAX_HZ
+    );
+    let stack = Stack::from_state(&a.state, &SERVICES)?;
+    let opts = CaptureOptions {
+        out: a.out,
+        seconds: a.seconds,
+        hz: a.hz,
+        rate: a.rate,
+        warmup: a.warmup,
+        all,
+        seed: a.seed,
+    };
+    let dir = capture::capture(&stack, &opts).await?;
+    // Analyze right away so that the index page can show the breakdown.
+    let rules = default_rules(None)?;
+    for file in analyze::find_profiles(&dir)? {
+        match analyze::analyze_file(&file, &rules) {
+            Ok(an) => {
+                write_json(&analyze::json_path(&file), &an)?;
+                if let Some(d) = an
+                    .categories
+                    .iter()
+                    .find(|c| Some(&c.id) == an.dominant.as_ref())
+                {
+                    eprintln!(
+                        "  {}: largest CPU share {} ({:.1} %)",
+                        an.service, d.label, d.share_pct
+                    );
+                }
+            }
+            Err(e) => eprintln!("  {}: not analyzed: {e:#}", file.service),
+        }
+    }
+    println!("{}", dir.display());
+    eprintln!("next: make profile-analyze (breakdown), make profile-view (flamegraphs)");
+    Ok(())
+}
+
+fn default_rules(path: Option<PathBuf>) -> anyhow::Result<Rules> {
+    match path {
+        Some(p) => Rules::load(&p),
+        None => {
+            let local = PathBuf::from("profiler/categories.toml");
+            if local.is_file() {
+                Rules::load(&local)
+            } else {
+                Ok(Rules::builtin())
+            }
+        }
+    }
+}
+
+fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn analyze_cmd(a: AnalyzeArgs) -> anyhow::Result<()> {
+    let rules = default_rules(a.rules)?;
+    let path = match a.path {
+        Some(p) => p,
+        None => capture::newest_run_dir(&a.out)?,
+    };
+    let files = analyze::find_profiles(&path)?;
+    let mut md = format!(
+        "## CPU time distribution by category — {}\n\nRules: {} (first match from the leaf up decides).\n\n",
+        path.display(),
+        rules.source
+    );
+    let mut all = Vec::new();
+    let mut failed = 0;
+    for file in &files {
+        match analyze::analyze_file(file, &rules) {
+            Ok(an) => {
+                let json = analyze::json_path(file);
+                write_json(&json, &an)?;
+                md.push_str(&analyze::markdown(&an));
+                md.push_str(&format!("\nJSON: {}\n\n", json.display()));
+                all.push(an);
+            }
+            Err(e) => {
+                failed += 1;
+                md.push_str(&format!("### {}\n\nnot analyzed: {e:#}\n\n", file.service));
+            }
+        }
+    }
+    println!("{md}");
+    if path.is_dir() {
+        write_json(&path.join("analysis.json"), &all)?;
+        std::fs::write(path.join("analysis.md"), &md)
+            .with_context(|| format!("writing {}", path.join("analysis.md").display()))?;
+    }
+    anyhow::ensure!(failed < files.len(), "no profile could be analyzed");
+    Ok(())
+}
+
+async fn view_cmd(a: ViewArgs) -> anyhow::Result<()> {
+    let dir = match a.dir {
+        Some(d) => d,
+        None => capture::newest_run_dir(&a.out)?,
+    };
+    let dir = std::fs::canonicalize(&dir).with_context(|| format!("{}", dir.display()))?;
+    let index = view::write_index(&dir)?;
+    println!("{}", index.display());
+    if a.no_serve {
+        return Ok(());
+    }
+    if let Some(browser) = view::browser() {
+        let status = std::process::Command::new(&browser).arg(&index).status();
+        match status {
+            Ok(s) if s.success() => return Ok(()),
+            Ok(s) => eprintln!("{browser} exited with {s}; serving instead"),
+            Err(e) => eprintln!("could not run {browser}: {e}; serving instead"),
+        }
+    } else {
+        eprintln!("no browser here (no $BROWSER, no display): serving the folder instead");
+    }
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", a.port))
+        .await
+        .with_context(|| format!("binding 127.0.0.1:{} (try --port 0)", a.port))?;
+    let addr = listener.local_addr()?;
+    eprintln!(
+        "open http://{addr}/ (loopback only; from another machine: ssh -L {0}:127.0.0.1:{0} HOST). Ctrl-C stops.",
+        addr.port()
+    );
+    view::serve(dir, listener, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+}
+
+async fn overhead_cmd(a: OverheadArgs) -> anyhow::Result<()> {
+    let stack = Stack::from_state(&a.state, &SERVICES)?;
+    let opts = OverheadOptions {
+        rate: a.rate,
+        window: a.window,
+        pairs: a.pairs,
+        hz: a.hz,
+        warmup: a.warmup,
+        json: a.json,
+        seed: a.seed,
+    };
+    eprintln!(
+        "profiling overhead: {} orders/s, {} pairs of {} s windows, {} Hz",
+        opts.rate,
+        opts.pairs,
+        opts.window.as_secs(),
+        opts.hz
+    );
+    let r = overhead::run(&stack, &opts).await?;
+    println!(
+        "off: {:.1} orders/s, {:.1} CPU-ms per 1,000 orders\non:  {:.1} orders/s, {:.1} CPU-ms per 1,000 orders\nCPU overhead {:+.2} % (pairs: mean {:+.2} %, sd {:.2} %; off-window noise {:.2} %), throughput loss {:.2} %\n{}\nJSON: {}",
+        r.off.throughput_per_sec,
+        r.off.cpu_ms_per_1000_orders,
+        r.on.throughput_per_sec,
+        r.on.cpu_ms_per_1000_orders,
+        r.cpu_overhead_pct,
+        r.cpu_overhead_pct_pair_mean,
+        r.cpu_overhead_pct_pair_stddev,
+        r.off_noise_pct,
+        r.throughput_loss_pct,
+        r.verdict,
+        opts.json.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,573 @@
+//! `profiler overhead` (`make bench-profiling-overhead`): what continuous CPU profiling costs.
+//!
+//! One constant open-model load runs for the whole benchmark. Time is cut into windows of
+//! equal length; in the "on" windows every service is being profiled at `hz` (99 Hz), each
+//! window's profile symbolized and fetched as a real profile would be; in the "off" windows
+//! nothing is profiled. Windows alternate in ABBA order (off,on / on,off / ...) so that a slow
+//! drift of the machine (other builds on a shared host) cancels out instead of biasing one
+//! side. Per window: orders the gateway answered (its `http_server_requests_total` for
+//! `POST /v1/orders`), CPU seconds of the three services (utime+stime from `/proc/<pid>/stat`,
+//! or their `process_cpu_seconds_total`), hence throughput and CPU per 1,000 orders.
+//! The overhead is the relative increase of CPU per 1,000 orders (and the relative loss of
+//! throughput) from off to on; the target is at most 1 %. The report gives the spread of the
+//! per-pair differences so that a number below the machine's noise is read as such.
+
+use crate::target::{Service, Stack};
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Options of the benchmark.
+#[derive(Debug, Clone)]
+pub struct OverheadOptions {
+    pub rate: f64,
+    pub window: Duration,
+    /// Number of (off, on) pairs.
+    pub pairs: usize,
+    pub hz: u32,
+    /// Load before the first window (includes one short profile per service, so the one-time
+    /// cost of loading debug information is not charged to the first "on" window).
+    pub warmup: Duration,
+    pub json: PathBuf,
+    pub seed: u64,
+}
+
+/// The target: continuous profiling costs at most this much CPU per order.
+pub const TARGET_PCT: f64 = 1.0;
+
+/// One measured window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Window {
+    pub index: usize,
+    pub profiling: bool,
+    pub seconds: f64,
+    pub orders: f64,
+    pub throughput_per_sec: f64,
+    /// CPU seconds per service.
+    pub cpu_seconds: std::collections::BTreeMap<String, f64>,
+    pub cpu_seconds_total: f64,
+    pub cpu_ms_per_1000_orders: f64,
+}
+
+/// Means over the windows of one side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Side {
+    pub windows: usize,
+    pub throughput_per_sec: f64,
+    pub cpu_ms_per_1000_orders: f64,
+    /// Per service, mean CPU ms per 1,000 orders.
+    pub cpu_ms_per_1000_orders_by_service: std::collections::BTreeMap<String, f64>,
+}
+
+/// The benchmark's JSON report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub schema: String,
+    pub rate_per_sec: f64,
+    pub window_s: f64,
+    pub pairs: usize,
+    pub hz: u32,
+    pub services: Vec<String>,
+    /// Where CPU time was read from: `proc` or `metrics`.
+    pub cpu_source: String,
+    /// Where order counts were read from: `gateway_metrics` or `offered_rate`.
+    pub orders_source: String,
+    pub windows: Vec<Window>,
+    pub off: Side,
+    pub on: Side,
+    /// (on - off) / off of CPU per 1,000 orders, in percent, from the side means.
+    pub cpu_overhead_pct: f64,
+    /// Mean and standard deviation of the same quantity computed per (off, on) pair.
+    pub cpu_overhead_pct_pair_mean: f64,
+    pub cpu_overhead_pct_pair_stddev: f64,
+    /// (off - on) / off of throughput, in percent.
+    pub throughput_loss_pct: f64,
+    /// Relative spread (stddev / mean, percent) of CPU per 1,000 orders across "off" windows:
+    /// the noise floor of this measurement on this machine.
+    pub off_noise_pct: f64,
+    pub target_pct: f64,
+    pub verdict: String,
+}
+
+/// CPU seconds so far of one service.
+fn cpu_seconds_proc(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state); utime = 14, stime = 15 (proc(5)), in clock ticks of
+    // 1/100 s (USER_HZ, 100 on Linux).
+    let utime: f64 = f.get(14 - 3)?.parse().ok()?;
+    let stime: f64 = f.get(15 - 3)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// Sums the samples of metric `name` whose labels contain every one of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let mut found = false;
+    let mut sum = 0.0;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        let (series, value) = match rest.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        if labels.iter().all(|l| series.contains(l))
+            && let Ok(v) = value.trim().parse::<f64>()
+        {
+            sum += v;
+            found = true;
+        }
+    }
+    found.then_some(sum)
+}
+
+struct Counters {
+    at: Instant,
+    cpu: Vec<f64>,
+    orders: Option<f64>,
+}
+
+async fn read_counters(stack: &Stack, use_proc: bool) -> anyhow::Result<Counters> {
+    let mut cpu = Vec::new();
+    for s in &stack.services {
+        cpu.push(service_cpu(stack, s, use_proc).await?);
+    }
+    let gateway = stack
+        .services
+        .iter()
+        .find(|s| s.name == "order-gateway")
+        .context("the gateway is needed to count orders")?;
+    let text = stack
+        .get(gateway, "/metrics", Duration::from_secs(10))
+        .await?;
+    let orders = metric_sum(
+        &String::from_utf8_lossy(&text),
+        "http_server_requests_total",
+        &["route=\"/v1/orders\"", "method=\"POST\""],
+    );
+    Ok(Counters {
+        at: Instant::now(),
+        cpu,
+        orders,
+    })
+}
+
+async fn service_cpu(stack: &Stack, s: &Service, use_proc: bool) -> anyhow::Result<f64> {
+    if use_proc && let Some(v) = s.pid.and_then(cpu_seconds_proc) {
+        return Ok(v);
+    }
+    let text = stack.get(s, "/metrics", Duration::from_secs(10)).await?;
+    metric_sum(
+        &String::from_utf8_lossy(&text),
+        "process_cpu_seconds_total",
+        &[],
+    )
+    .with_context(|| format!("{}: no process_cpu_seconds_total in /metrics", s.name))
+}
+
+/// Profiles every service for `seconds` at `hz` and waits for all the profiles.
+async fn profile_all(stack: &Stack, seconds: u64, hz: u32) -> anyhow::Result<()> {
+    let tasks: Vec<_> = stack
+        .services
+        .iter()
+        .map(|s| {
+            let (stack, s) = (stack.clone(), s.clone());
+            tokio::spawn(async move {
+                stack
+                    .get(
+                        &s,
+                        &format!("/debug/pprof/profile?seconds={seconds}&hz={hz}"),
+                        Duration::from_secs(seconds + 120),
+                    )
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.context("profile task")??;
+    }
+    Ok(())
+}
+
+/// Runs the benchmark against the running lab and writes the JSON report.
+pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report> {
+    anyhow::ensure!(opts.pairs >= 1, "--pairs must be at least 1");
+    anyhow::ensure!(
+        opts.window >= Duration::from_secs(2),
+        "--window must be at least 2s"
+    );
+    let use_proc = stack
+        .services
+        .iter()
+        .all(|s| s.pid.and_then(cpu_seconds_proc).is_some());
+    let window_s = opts.window.as_secs().max(2);
+    let total = opts.warmup
+        + Duration::from_secs((window_s + 30) * 2 * opts.pairs as u64)
+        + Duration::from_secs(60);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let spec = loadgen::run::RunSpec {
+        target: stack.gateway.clone(),
+        rate_per_sec: opts.rate,
+        duration: total,
+        flow: loadgen::flow::FlowSpec {
+            seed: opts.seed,
+            symbols: crate::capture::SYMBOLS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            cancel_share: 0.1,
+            accounts: 50,
+            client_id_prefix: format!(
+                "ovh{}-{}",
+                opts.seed,
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            ),
+        },
+        ledger: None,
+        summary: None,
+        request_timeout: Duration::from_secs(10),
+        max_in_flight: 20_000,
+        progress: false,
+    };
+    spec.validate()?;
+    let load = tokio::spawn(loadgen::run::run(spec, async move {
+        let _ = stop_rx.await;
+    }));
+    eprintln!(
+        "warming up for {} s at {} orders/s (one short profile per service loads its debug info)",
+        opts.warmup.as_secs(),
+        opts.rate
+    );
+    let warm_profile = Duration::from_secs(2).min(opts.warmup);
+    profile_all(stack, warm_profile.as_secs().max(1), opts.hz).await?;
+    tokio::time::sleep(opts.warmup.saturating_sub(warm_profile)).await;
+
+    let mut windows = Vec::new();
+    let result: anyhow::Result<()> = async {
+        for pair in 0..opts.pairs {
+            // ABBA: off,on then on,off, so that a linear drift cancels.
+            let order = if pair % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            for profiling in order {
+                let before = read_counters(stack, use_proc).await?;
+                if profiling {
+                    profile_all(stack, window_s, opts.hz).await?;
+                } else {
+                    tokio::time::sleep(Duration::from_secs(window_s)).await;
+                }
+                let after = read_counters(stack, use_proc).await?;
+                let w = window(windows.len(), profiling, stack, &before, &after, opts.rate);
+                eprintln!(
+                    "  window {:>2} profiling {:<3} {:>6.1} orders/s  {:>7.1} CPU-ms per 1,000 orders",
+                    w.index,
+                    if profiling { "on" } else { "off" },
+                    w.throughput_per_sec,
+                    w.cpu_ms_per_1000_orders
+                );
+                windows.push(w);
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let _ = stop_tx.send(());
+    let _ = load.await;
+    result?;
+    let orders_source = if windows.is_empty() {
+        "none"
+    } else {
+        "gateway_metrics"
+    };
+    let report = summarize(
+        opts,
+        stack.services.iter().map(|s| s.name.clone()).collect(),
+        if use_proc { "proc" } else { "metrics" },
+        orders_source,
+        windows,
+    );
+    if let Some(dir) = opts.json.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&opts.json, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", opts.json.display()))?;
+    Ok(report)
+}
+
+fn window(
+    index: usize,
+    profiling: bool,
+    stack: &Stack,
+    before: &Counters,
+    after: &Counters,
+    rate: f64,
+) -> Window {
+    let seconds = after.at.duration_since(before.at).as_secs_f64();
+    let orders = match (before.orders, after.orders) {
+        (Some(b), Some(a)) if a >= b => a - b,
+        // No counter (renamed metric?): the open model sends `rate` per second.
+        _ => rate * seconds,
+    };
+    let cpu_seconds: std::collections::BTreeMap<String, f64> = stack
+        .services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.clone(), (after.cpu[i] - before.cpu[i]).max(0.0)))
+        .collect();
+    let total: f64 = cpu_seconds.values().sum();
+    Window {
+        index,
+        profiling,
+        seconds,
+        orders,
+        throughput_per_sec: if seconds > 0.0 { orders / seconds } else { 0.0 },
+        cpu_seconds,
+        cpu_seconds_total: total,
+        cpu_ms_per_1000_orders: if orders > 0.0 {
+            total * 1000.0 * 1000.0 / orders
+        } else {
+            0.0
+        },
+    }
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+fn stddev(v: &[f64]) -> f64 {
+    if v.len() < 2 {
+        return 0.0;
+    }
+    let m = mean(v);
+    (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
+}
+
+fn side(windows: &[&Window]) -> Side {
+    let per_k: Vec<f64> = windows.iter().map(|w| w.cpu_ms_per_1000_orders).collect();
+    let mut by_service = std::collections::BTreeMap::new();
+    if let Some(first) = windows.first() {
+        for name in first.cpu_seconds.keys() {
+            let v: Vec<f64> = windows
+                .iter()
+                .map(|w| {
+                    let cpu = w.cpu_seconds.get(name).copied().unwrap_or(0.0);
+                    if w.orders > 0.0 {
+                        cpu * 1e6 / w.orders
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            by_service.insert(name.clone(), round3(mean(&v)));
+        }
+    }
+    Side {
+        windows: windows.len(),
+        throughput_per_sec: round3(mean(
+            &windows
+                .iter()
+                .map(|w| w.throughput_per_sec)
+                .collect::<Vec<_>>(),
+        )),
+        cpu_ms_per_1000_orders: round3(mean(&per_k)),
+        cpu_ms_per_1000_orders_by_service: by_service,
+    }
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// Turns the windows into the report (pure, so it is tested on made-up windows).
+pub fn summarize(
+    opts: &OverheadOptions,
+    services: Vec<String>,
+    cpu_source: &str,
+    orders_source: &str,
+    windows: Vec<Window>,
+) -> Report {
+    let off_w: Vec<&Window> = windows.iter().filter(|w| !w.profiling).collect();
+    let on_w: Vec<&Window> = windows.iter().filter(|w| w.profiling).collect();
+    let off = side(&off_w);
+    let on = side(&on_w);
+    let rel = |on: f64, off: f64| {
+        if off > 0.0 {
+            (on - off) / off * 100.0
+        } else {
+            0.0
+        }
+    };
+    let cpu_overhead = rel(on.cpu_ms_per_1000_orders, off.cpu_ms_per_1000_orders);
+    let pair_diffs: Vec<f64> = off_w
+        .iter()
+        .zip(on_w.iter())
+        .map(|(a, b)| rel(b.cpu_ms_per_1000_orders, a.cpu_ms_per_1000_orders))
+        .collect();
+    let pair_mean = mean(&pair_diffs);
+    let pair_sd = stddev(&pair_diffs);
+    let off_noise = {
+        let v: Vec<f64> = off_w.iter().map(|w| w.cpu_ms_per_1000_orders).collect();
+        if mean(&v) > 0.0 {
+            stddev(&v) / mean(&v) * 100.0
+        } else {
+            0.0
+        }
+    };
+    let throughput_loss = -rel(on.throughput_per_sec, off.throughput_per_sec);
+    // Half-width of a rough 95 % interval of the pair mean.
+    let half = if pair_diffs.len() >= 2 {
+        2.0 * pair_sd / (pair_diffs.len() as f64).sqrt()
+    } else {
+        f64::INFINITY
+    };
+    let verdict = if cpu_overhead <= TARGET_PCT {
+        format!(
+            "within target: +{:.2} % CPU per 1,000 orders with profiling at {} Hz (target <= {TARGET_PCT} %)",
+            cpu_overhead.max(0.0),
+            opts.hz
+        )
+    } else if cpu_overhead - half <= TARGET_PCT {
+        format!(
+            "inconclusive: +{cpu_overhead:.2} % CPU per 1,000 orders, but the pair-to-pair spread (±{half:.2} %) covers the {TARGET_PCT} % target; run with more --pairs or a longer --window on a quieter machine"
+        )
+    } else {
+        format!(
+            "above target: +{cpu_overhead:.2} % CPU per 1,000 orders (±{half:.2} %), target <= {TARGET_PCT} %"
+        )
+    };
+    Report {
+        schema: "profiler.overhead/1".into(),
+        rate_per_sec: opts.rate,
+        window_s: opts.window.as_secs_f64(),
+        pairs: opts.pairs,
+        hz: opts.hz,
+        services,
+        cpu_source: cpu_source.into(),
+        orders_source: orders_source.into(),
+        windows,
+        off,
+        on,
+        cpu_overhead_pct: round3(cpu_overhead),
+        cpu_overhead_pct_pair_mean: round3(pair_mean),
+        cpu_overhead_pct_pair_stddev: round3(pair_sd),
+        throughput_loss_pct: round3(throughput_loss),
+        off_noise_pct: round3(off_noise),
+        target_pct: TARGET_PCT,
+        verdict,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(index: usize, profiling: bool, orders: f64, cpu: f64) -> Window {
+        Window {
+            index,
+            profiling,
+            seconds: 10.0,
+            orders,
+            throughput_per_sec: orders / 10.0,
+            cpu_seconds: [("order-gateway".to_string(), cpu)].into_iter().collect(),
+            cpu_seconds_total: cpu,
+            cpu_ms_per_1000_orders: cpu * 1e6 / orders,
+        }
+    }
+
+    fn opts() -> OverheadOptions {
+        OverheadOptions {
+            rate: 100.0,
+            window: Duration::from_secs(10),
+            pairs: 2,
+            hz: 99,
+            warmup: Duration::from_secs(5),
+            json: PathBuf::from("x.json"),
+            seed: 1,
+        }
+    }
+
+    #[test]
+    fn overhead_arithmetic() {
+        let windows = vec![
+            w(0, false, 1000.0, 1.000),
+            w(1, true, 1000.0, 1.005),
+            w(2, true, 1000.0, 1.006),
+            w(3, false, 1000.0, 1.001),
+        ];
+        let r = summarize(
+            &opts(),
+            vec!["order-gateway".into()],
+            "proc",
+            "gateway_metrics",
+            windows,
+        );
+        assert_eq!(r.off.windows, 2);
+        assert_eq!(r.on.windows, 2);
+        assert!((r.off.cpu_ms_per_1000_orders - 1000.5).abs() < 1e-6);
+        assert!(
+            (r.cpu_overhead_pct - 0.5).abs() < 0.01,
+            "{}",
+            r.cpu_overhead_pct
+        );
+        assert!(r.verdict.starts_with("within target"), "{}", r.verdict);
+        assert_eq!(r.throughput_loss_pct, 0.0);
+        let heavy = vec![w(0, false, 1000.0, 1.0), w(1, true, 1000.0, 1.10)];
+        let r = summarize(
+            &opts(),
+            vec!["order-gateway".into()],
+            "proc",
+            "gateway_metrics",
+            heavy,
+        );
+        assert!(
+            r.verdict.starts_with("inconclusive"),
+            "one pair: {}",
+            r.verdict
+        );
+    }
+
+    #[test]
+    fn metric_sums() {
+        let text = "# TYPE http_server_requests_total counter\n\
+            http_server_requests_total{route=\"/v1/orders\",method=\"POST\",status=\"201\"} 10\n\
+            http_server_requests_total{route=\"/v1/orders\",method=\"POST\",status=\"400\"} 2\n\
+            http_server_requests_total{route=\"/v1/orders/{order_id}\",method=\"DELETE\",status=\"200\"} 5\n\
+            http_server_requests_total_other 100\n\
+            process_cpu_seconds_total 1.25\n";
+        assert_eq!(
+            metric_sum(
+                text,
+                "http_server_requests_total",
+                &["route=\"/v1/orders\"", "method=\"POST\""]
+            ),
+            Some(12.0)
+        );
+        assert_eq!(
+            metric_sum(text, "process_cpu_seconds_total", &[]),
+            Some(1.25)
+        );
+        assert_eq!(metric_sum(text, "nope", &[]), None);
+    }
+
+    #[test]
+    fn proc_cpu_of_this_process() {
+        let me = std::process::id() as i32;
+        assert!(cpu_seconds_proc(me).is_some());
+    }
+}

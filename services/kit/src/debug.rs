@@ -1,0 +1,1242 @@
+//! `/debug/pprof`: profiles of a running service, without instrumentation, behind a guard.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /debug/pprof/` | index of what is available (and whether heap profiling is on) |
+//! | `GET /debug/pprof/profile?seconds=N[&hz=H][&format=pprof\|svg\|collapsed]` | CPU profile |
+//! | `GET /debug/pprof/flamegraph?seconds=N[&hz=H]` | the CPU flamegraph (SVG) directly |
+//! | `GET /debug/pprof/heap[?format=pprof\|svg\|collapsed]` | in-use heap (jemalloc) |
+//!
+//! **CPU** profiles come from pprof-rs: `setitimer(ITIMER_PROF)` sends SIGPROF per `1/hz` s of
+//! CPU the process burns, the handler walks the interrupted thread's stack by frame pointers
+//! (the workspace builds everything with `-C force-frame-pointers=yes`, release keeps line
+//! tables) and counts the stack. The walk starts at the interrupted context, so pprof-rs's own
+//! handler never appears in a stack; frames of pprof-rs, `backtrace` and the signal trampoline
+//! are still stripped by [`strip_profiler_frames`] in case an unwinder ever reports them.
+//! The default answer is a gzipped pprof protobuf (`go tool pprof -top URL` opens it, fully
+//! symbolized: function names are in the profile); `svg` is an inferno flamegraph and
+//! `collapsed` the folded stacks (`thread;root;...;leaf count`), all three from one profile.
+//! `seconds` defaults to 30 and is capped at [`MAX_SECONDS`]; one CPU profile at a time per
+//! process (pprof-rs's profiler is a process-wide singleton): a second request gets `409`.
+//!
+//! **Heap** profiles come from jemalloc's own sampling profiler: a service makes
+//! [`Jemalloc`] its global allocator and exports [`MALLOC_CONF`] as `malloc_conf`, which turns
+//! on `prof:true,prof_active:true,lg_prof_sample:19` (one sample per 512 KiB allocated on
+//! average). `/debug/pprof/heap` asks jemalloc for a dump (`prof.dump`) and converts it with
+//! `jemalloc_pprof` (symbolized in-process). A process without that configuration answers
+//! `501` and says why.
+//!
+//! **Access**: loopback peers are served; any other peer must send
+//! `Authorization: Bearer <[debug] token>` (401 when it is missing or wrong, 403 when no token
+//! is configured, since then the endpoints are loopback-only). The peer address comes from
+//! `ConnectInfo<SocketAddr>`, which [`crate::http::serve`] provides; a request without it is
+//! treated as remote. Merge [`routes`] *after* [`crate::http::with_standard_layers`], so the
+//! request timeout does not cut a 30 s profile short.
+//!
+//! [`stacks`], [`collapsed`], [`flamegraph_svg`], [`decode_pprof`] and [`encode_pprof`] work on
+//! any pprof `Profile`; the `profiler` tool uses them on the files it saves.
+
+use crate::config::{ConfigError, DebugConfig, Validate};
+use axum::Router;
+use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use pprof::protos::{Message as _, Profile};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// jemalloc, the allocator whose sampling heap profiler `/debug/pprof/heap` reads. Each service
+/// installs it with `#[global_allocator]` in its `main.rs`.
+pub use tikv_jemallocator::Jemalloc;
+
+/// jemalloc's start-up options for a service, NUL-terminated for C: heap profiling compiled in
+/// and active, one sample per 2^19 bytes (512 KiB) allocated on average, which keeps the cost
+/// negligible. A service exports a pointer to it as the `malloc_conf` symbol jemalloc reads.
+pub const MALLOC_CONF: &[u8] = b"prof:true,prof_active:true,lg_prof_sample:19\0";
+
+/// Default and largest `seconds` of a CPU profile.
+pub const DEFAULT_SECONDS: u64 = 30;
+pub const MAX_SECONDS: u64 = 300;
+/// Default sampling rate: 99 Hz, not 100, so sampling does not run in lockstep with periodic
+/// work.
+pub const DEFAULT_HZ: u32 = 99;
+/// Highest sampling rate accepted.
+pub const MAX_HZ: u32 = 1000;
+
+/// glibc's signal trampoline on x86_64 Linux: the frame between a signal handler and the code
+/// it interrupted.
+const SIGNAL_TRAMPOLINE: &str = "__restore_rt";
+
+/// Frames that belong to the profiler itself, never to the profiled program.
+const PROFILER_FRAME_PREFIXES: &[&str] = &[
+    "pprof::",
+    "<pprof::",
+    "backtrace::",
+    "<backtrace::",
+    "__restore_rt",
+    "perf_signal_handler",
+];
+
+/// Why a profile could not be served. The `IntoResponse` impl is the one place these become
+/// HTTP answers.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(
+        "a CPU profile is already being taken in this process (one at a time); retry when it finishes"
+    )]
+    Busy,
+    #[error("the profile was abandoned: the client went away")]
+    Cancelled,
+    #[error("heap profiling is not available in this process: {0}")]
+    HeapUnavailable(String),
+    #[error("profiling failed: {0}")]
+    Failed(String),
+}
+
+impl ProfileError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ProfileError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProfileError::Busy => StatusCode::CONFLICT,
+            ProfileError::HeapUnavailable(_) => StatusCode::NOT_IMPLEMENTED,
+            ProfileError::Cancelled | ProfileError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ProfileError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "debug endpoint failed");
+        }
+        (
+            status,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("{self}\n"),
+        )
+            .into_response()
+    }
+}
+
+impl From<pprof::Error> for ProfileError {
+    fn from(e: pprof::Error) -> Self {
+        ProfileError::Failed(format!("pprof-rs: {e}"))
+    }
+}
+
+impl Validate for DebugConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match &self.token {
+            Some(t) if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                Err(ConfigError::invalid(
+                    "debug.token",
+                    "must be at least 16 characters without spaces (leave it unset for loopback-only access)",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routes and the guard.
+
+#[derive(Clone)]
+struct DebugState {
+    service: &'static str,
+    /// `[debug] token`; `None`: loopback only.
+    token: Option<Arc<str>>,
+}
+
+/// The `/debug/pprof` routes of `service`, guarded by [`decide`]. Merge them after
+/// [`crate::http::with_standard_layers`] so that the request timeout does not apply.
+pub fn routes(service: &'static str, config: &DebugConfig) -> Router {
+    let state = DebugState {
+        service,
+        token: config.token.as_deref().map(Arc::from),
+    };
+    Router::new()
+        .route("/debug/pprof", get(index))
+        .route("/debug/pprof/", get(index))
+        .route("/debug/pprof/profile", get(cpu))
+        .route("/debug/pprof/flamegraph", get(flamegraph))
+        .route("/debug/pprof/heap", get(heap))
+        .route_layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// What the guard decided about one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    Allowed,
+    /// 401: a token is configured and the request did not present it.
+    Unauthorized(&'static str),
+    /// 403: no token is configured and the peer is not on loopback.
+    Forbidden(&'static str),
+}
+
+/// The access rule: loopback peers are allowed; others need `Authorization: Bearer <token>`
+/// equal to the configured token. An unknown peer counts as remote.
+pub fn decide(
+    peer: Option<SocketAddr>,
+    authorization: Option<&str>,
+    token: Option<&str>,
+) -> Access {
+    if peer.is_some_and(|p| p.ip().to_canonical().is_loopback()) {
+        return Access::Allowed;
+    }
+    let Some(token) = token else {
+        return Access::Forbidden(
+            "debug endpoints answer loopback clients only: no [debug] token is configured (APP__DEBUG__TOKEN)",
+        );
+    };
+    let presented = authorization.and_then(|v| {
+        let (scheme, rest) = v.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+    });
+    match presented {
+        None => Access::Unauthorized("send Authorization: Bearer <token> (the [debug] token)"),
+        Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => Access::Allowed,
+        Some(_) => Access::Unauthorized("wrong bearer token"),
+    }
+}
+
+/// Compares without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn guard(State(state): State<DebugState>, req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match decide(peer, authorization, state.token.as_deref()) {
+        Access::Allowed => next.run(req).await,
+        Access::Unauthorized(why) => {
+            tracing::warn!(peer = ?peer, path = %req.uri().path(), "debug endpoint: unauthorized");
+            (
+                StatusCode::UNAUTHORIZED,
+                [
+                    (header::WWW_AUTHENTICATE, "Bearer realm=\"debug\""),
+                    (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                ],
+                format!("{why}\n"),
+            )
+                .into_response()
+        }
+        Access::Forbidden(why) => {
+            tracing::warn!(peer = ?peer, path = %req.uri().path(), "debug endpoint: forbidden");
+            (
+                StatusCode::FORBIDDEN,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                format!("{why}\n"),
+            )
+                .into_response()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers.
+
+async fn index(State(state): State<DebugState>) -> Response {
+    let heap = match heap_status() {
+        Ok(lg) => format!("on (one sample per 2^{lg} bytes allocated)"),
+        Err(why) => format!("unavailable: {why}"),
+    };
+    let busy = if cpu_profile_running() {
+        "a CPU profile is being taken now (a second one gets 409)"
+    } else {
+        "idle"
+    };
+    let service = state.service;
+    let body = format!(
+        r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>{service} /debug/pprof</title></head>
+<body><h1>{service} /debug/pprof</h1>
+<p>CPU profiler: {busy}. Heap profiler: {heap}.</p>
+<table>
+<tr><td><a href="profile?seconds=30">profile?seconds=N[&amp;hz=H][&amp;format=pprof|svg|collapsed]</a></td>
+<td>CPU profile; default gzipped pprof protobuf (<code>go tool pprof -top URL</code>), seconds &le; {MAX_SECONDS}, hz &le; {MAX_HZ} (default {DEFAULT_HZ})</td></tr>
+<tr><td><a href="flamegraph?seconds=10">flamegraph?seconds=N</a></td><td>CPU flamegraph (SVG)</td></tr>
+<tr><td><a href="heap">heap[?format=pprof|svg|collapsed]</a></td><td>in-use heap from jemalloc's sampling profiler</td></tr>
+</table>
+<p>Served to loopback clients, or with <code>Authorization: Bearer &lt;[debug] token&gt;</code>.</p>
+</body></html>
+"#
+    );
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response()
+}
+
+/// Output format of a profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// gzipped pprof protobuf.
+    Pprof,
+    /// inferno flamegraph.
+    Svg,
+    /// folded stacks, one `a;b;c count` line per stack.
+    Collapsed,
+}
+
+impl Format {
+    fn parse(v: Option<&str>) -> Result<Format, ProfileError> {
+        match v {
+            None | Some("pprof" | "proto") => Ok(Format::Pprof),
+            Some("svg" | "flamegraph") => Ok(Format::Svg),
+            Some("collapsed" | "folded") => Ok(Format::Collapsed),
+            Some(other) => Err(ProfileError::BadRequest(format!(
+                "format={other:?}: use pprof, svg or collapsed"
+            ))),
+        }
+    }
+}
+
+/// The parameters of a CPU profile request, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuRequest {
+    pub seconds: u64,
+    pub hz: u32,
+    pub format: Format,
+    /// `seconds` was above [`MAX_SECONDS`] and was lowered to it.
+    pub capped: bool,
+}
+
+impl CpuRequest {
+    /// Parses `seconds`, `hz` and `format`; anything else is refused so that a typo does not
+    /// silently profile with defaults.
+    pub fn parse(query: &HashMap<String, String>) -> Result<CpuRequest, ProfileError> {
+        if let Some(k) = query
+            .keys()
+            .find(|k| !matches!(k.as_str(), "seconds" | "hz" | "format"))
+        {
+            return Err(ProfileError::BadRequest(format!(
+                "unknown parameter {k:?}: use seconds, hz, format"
+            )));
+        }
+        let seconds = match query.get("seconds") {
+            None => DEFAULT_SECONDS,
+            Some(v) => v.parse::<u64>().ok().filter(|s| *s > 0).ok_or_else(|| {
+                ProfileError::BadRequest(format!(
+                    "seconds={v:?}: must be a whole number of seconds, at least 1 (at most {MAX_SECONDS})"
+                ))
+            })?,
+        };
+        let hz = match query.get("hz") {
+            None => DEFAULT_HZ,
+            Some(v) => v
+                .parse::<u32>()
+                .ok()
+                .filter(|h| (1..=MAX_HZ).contains(h))
+                .ok_or_else(|| {
+                    ProfileError::BadRequest(format!("hz={v:?}: must be between 1 and {MAX_HZ}"))
+                })?,
+        };
+        Ok(CpuRequest {
+            seconds: seconds.min(MAX_SECONDS),
+            hz,
+            format: Format::parse(query.get("format").map(String::as_str))?,
+            capped: seconds > MAX_SECONDS,
+        })
+    }
+}
+
+async fn cpu(
+    State(state): State<DebugState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ProfileError> {
+    let req = CpuRequest::parse(&query)?;
+    serve_cpu(state.service, req).await
+}
+
+async fn flamegraph(
+    State(state): State<DebugState>,
+    Query(mut query): Query<HashMap<String, String>>,
+) -> Result<Response, ProfileError> {
+    query.insert("format".into(), "svg".into());
+    let req = CpuRequest::parse(&query)?;
+    serve_cpu(state.service, req).await
+}
+
+async fn serve_cpu(service: &'static str, req: CpuRequest) -> Result<Response, ProfileError> {
+    tracing::info!(
+        seconds = req.seconds,
+        hz = req.hz,
+        capped = req.capped,
+        "CPU profile started"
+    );
+    let profile = cpu_profile(Duration::from_secs(req.seconds), req.hz).await?;
+    let samples: i64 = profile.sample.iter().filter_map(|s| s.value.first()).sum();
+    tracing::info!(samples, "CPU profile done");
+    let title = format!(
+        "{service}: CPU, {} s at {} Hz, {samples} samples",
+        req.seconds, req.hz
+    );
+    let mut resp = render(&profile, req.format, &title, "samples", service, "cpu")?;
+    resp.headers_mut()
+        .insert("x-profile-seconds", HeaderValue::from(req.seconds));
+    if req.capped {
+        resp.headers_mut().insert(
+            "x-profile-capped",
+            HeaderValue::from_static("seconds lowered to the maximum"),
+        );
+    }
+    Ok(resp)
+}
+
+async fn heap(
+    State(state): State<DebugState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ProfileError> {
+    if let Some(k) = query.keys().find(|k| k.as_str() != "format") {
+        return Err(ProfileError::BadRequest(format!(
+            "unknown parameter {k:?}: use format"
+        )));
+    }
+    let format = Format::parse(query.get("format").map(String::as_str))?;
+    let profile = heap_profile().await?;
+    let bytes: i64 = profile.sample.iter().filter_map(|s| s.value.first()).sum();
+    let title = format!(
+        "{}: in-use heap, {:.1} MiB sampled",
+        state.service,
+        bytes as f64 / (1 << 20) as f64
+    );
+    render(&profile, format, &title, "bytes", state.service, "heap")
+}
+
+/// Turns `profile` into the answer in `format`.
+fn render(
+    profile: &Profile,
+    format: Format,
+    title: &str,
+    count_name: &str,
+    service: &str,
+    kind: &str,
+) -> Result<Response, ProfileError> {
+    let resp = match format {
+        Format::Pprof => (
+            [
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                ),
+                (
+                    header::CONTENT_DISPOSITION,
+                    HeaderValue::from_str(&format!(
+                        "attachment; filename=\"{service}-{kind}.pb.gz\""
+                    ))
+                    .unwrap_or_else(|_| HeaderValue::from_static("attachment")),
+                ),
+            ],
+            encode_pprof(profile),
+        )
+            .into_response(),
+        Format::Svg => (
+            [(header::CONTENT_TYPE, "image/svg+xml")],
+            flamegraph_svg(&stacks(profile, 0), title, count_name)?,
+        )
+            .into_response(),
+        Format::Collapsed => (
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            collapsed(&stacks(profile, 0), true),
+        )
+            .into_response(),
+    };
+    Ok(resp)
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU profiles.
+
+/// Set while a CPU profile runs: pprof-rs's profiler is one per process.
+static CPU_PROFILE_RUNNING: AtomicBool = AtomicBool::new(false);
+
+/// Whether a CPU profile is being taken in this process right now.
+pub fn cpu_profile_running() -> bool {
+    CPU_PROFILE_RUNNING.load(Ordering::SeqCst)
+}
+
+/// Holds [`CPU_PROFILE_RUNNING`] and releases it when dropped, whatever happens.
+struct CpuSlot;
+
+impl CpuSlot {
+    fn acquire() -> Result<CpuSlot, ProfileError> {
+        CPU_PROFILE_RUNNING
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .map(|_| CpuSlot)
+            .map_err(|_| ProfileError::Busy)
+    }
+}
+
+impl Drop for CpuSlot {
+    fn drop(&mut self) {
+        CPU_PROFILE_RUNNING.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Profiles this process's CPU for `duration` at `hz` samples per CPU-second and returns the
+/// symbolized profile (sample values: `samples/count`, `cpu/nanoseconds`). Fails with
+/// [`ProfileError::Busy`] while another profile runs. Dropping the future stops the profile
+/// early (the client went away).
+pub async fn cpu_profile(duration: Duration, hz: u32) -> Result<Profile, ProfileError> {
+    let slot = CpuSlot::acquire()?;
+    let hz = i32::try_from(hz.clamp(1, MAX_HZ)).unwrap_or(DEFAULT_HZ as i32);
+    // The blocking thread waits on this channel: a timeout means the profile is complete; a
+    // disconnect means this future was dropped.
+    let (_alive, wait) = std::sync::mpsc::channel::<()>();
+    let task = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        let guard = pprof::ProfilerGuardBuilder::default()
+            .frequency(hz)
+            .build()?;
+        if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = wait.recv_timeout(duration) {
+            return Err(ProfileError::Cancelled);
+        }
+        // Symbolization happens inside `build`, under the profiler's lock: samples that arrive
+        // meanwhile are dropped, so the report does not profile its own making.
+        let report = guard
+            .report()
+            .frames_post_processor(strip_profiler_frames)
+            .build()?;
+        drop(guard);
+        Ok(report.pprof()?)
+    });
+    task.await
+        .map_err(|e| ProfileError::Failed(format!("profiling task: {e}")))?
+}
+
+/// Removes the profiler's own frames from the leaf end of a stack, and the `::h0123...` hash
+/// suffix from every symbol name. The unwinder starts inside the SIGPROF handler: pprof-rs and
+/// `backtrace` frames, then the signal trampoline (`__restore_rt`), then the interrupted
+/// function; everything up to the trampoline goes.
+pub fn strip_profiler_frames(frames: &mut pprof::Frames) {
+    let names: Vec<Vec<String>> = frames
+        .frames
+        .iter()
+        .map(|f| f.iter().map(|s| s.name()).collect())
+        .collect();
+    let own = |f: &Vec<String>| {
+        f.iter()
+            .any(|n| PROFILER_FRAME_PREFIXES.iter().any(|p| n.starts_with(p)))
+    };
+    let cut = names
+        .iter()
+        .position(|f| f.iter().any(|n| n == SIGNAL_TRAMPOLINE))
+        .map(|i| i + 1)
+        .unwrap_or_else(|| names.iter().take_while(|f| own(f)).count());
+    frames.frames.drain(..cut);
+    for symbol in frames.frames.iter_mut().flatten() {
+        // Store the demangled name without its hash: it is what every output shows.
+        let name = symbol.name();
+        symbol.name = Some(strip_hash(&name).as_bytes().to_vec());
+    }
+}
+
+/// `foo::bar::h0123456789abcdef` -> `foo::bar`.
+pub fn strip_hash(name: &str) -> &str {
+    match name.rsplit_once("::h") {
+        Some((head, hash)) if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            head
+        }
+        _ => name,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Heap profiles.
+
+/// `Ok(lg_sample)` when jemalloc heap profiling is on in this process, else why not.
+pub fn heap_status() -> Result<usize, String> {
+    // `jemalloc_pprof` reads `opt.prof` on first use and panics if jemalloc was built without
+    // profiling; kit always builds it with profiling, but a panic must not reach a handler.
+    let ctl = std::panic::catch_unwind(|| jemalloc_pprof::PROF_CTL.as_ref().cloned())
+        .map_err(|_| "jemalloc was built without profiling support".to_string())?;
+    let Some(ctl) = ctl else {
+        return Err(
+            "jemalloc heap profiling is off (opt.prof=false): the binary must use \
+                    kit::debug::Jemalloc as #[global_allocator] and export kit::debug::MALLOC_CONF \
+                    as `malloc_conf` (or run with MALLOC_CONF=prof:true,prof_active:true)"
+                .to_string(),
+        );
+    };
+    let ctl = ctl
+        .try_lock()
+        .map_err(|_| "a heap dump is in progress".to_string())?;
+    if !ctl.activated() {
+        return Err("jemalloc profiling is compiled in but not active (prof_active:false)".into());
+    }
+    Ok(ctl.lg_sample())
+}
+
+/// Dumps jemalloc's in-use heap profile (sample value: `inuse_space/bytes`, already scaled up
+/// from the samples to estimated bytes), symbolized.
+pub async fn heap_profile() -> Result<Profile, ProfileError> {
+    heap_status().map_err(ProfileError::HeapUnavailable)?;
+    let ctl = jemalloc_pprof::PROF_CTL
+        .as_ref()
+        .cloned()
+        .ok_or_else(|| ProfileError::HeapUnavailable("opt.prof=false".into()))?;
+    let mut ctl = ctl.lock_owned().await;
+    let bytes = tokio::task::spawn_blocking(move || ctl.dump_pprof())
+        .await
+        .map_err(|e| ProfileError::Failed(format!("heap dump task: {e}")))?
+        .map_err(|e| ProfileError::Failed(format!("jemalloc heap dump: {e:#}")))?;
+    let mut profile = decode_pprof(&bytes).map_err(ProfileError::Failed)?;
+    for f in &mut profile.function {
+        // Names from jemalloc_pprof are demangled already; hashes may remain.
+        let name = profile
+            .string_table
+            .get(f.name as usize)
+            .cloned()
+            .unwrap_or_default();
+        let clean = strip_hash(&name);
+        if clean.len() != name.len() {
+            f.name = profile.string_table.len() as i64;
+            profile.string_table.push(clean.to_string());
+        }
+    }
+    Ok(profile)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Working with pprof profiles.
+
+/// Gzip-compresses the protobuf encoding of `profile`, as `go tool pprof` expects it.
+pub fn encode_pprof(profile: &Profile) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    // Writing to a Vec cannot fail.
+    let _ = gz.write_all(&profile.encode_to_vec());
+    gz.finish().unwrap_or_default()
+}
+
+/// Decodes a pprof profile, gzipped (as served and saved) or not.
+pub fn decode_pprof(bytes: &[u8]) -> Result<Profile, String> {
+    let raw;
+    let data = if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(bytes)
+            .read_to_end(&mut out)
+            .map_err(|e| format!("gunzip: {e}"))?;
+        raw = out;
+        &raw[..]
+    } else {
+        bytes
+    };
+    Profile::decode(data).map_err(|e| format!("not a pprof protobuf: {e}"))
+}
+
+/// One distinct stack of a profile and its weight.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stack {
+    /// Function names, **root first**, leaf last (inlined functions are frames too).
+    pub frames: Vec<String>,
+    /// The `thread` label, when the profile has one (pprof-rs sets it).
+    pub thread: Option<String>,
+    pub value: i64,
+}
+
+/// The stacks of `profile` weighted by sample value number `value_index` (0: samples for a
+/// CPU profile, bytes for a heap profile), identical stacks merged, heaviest first.
+pub fn stacks(profile: &Profile, value_index: usize) -> Vec<Stack> {
+    let strings = &profile.string_table;
+    let s = |i: i64| strings.get(i as usize).map(String::as_str).unwrap_or("");
+    let functions: HashMap<u64, &str> =
+        profile.function.iter().map(|f| (f.id, s(f.name))).collect();
+    let locations: HashMap<u64, Vec<String>> = profile
+        .location
+        .iter()
+        .map(|l| {
+            // `line` lists the innermost (inlined) function first, the caller last.
+            let mut names: Vec<String> = l
+                .line
+                .iter()
+                .map(|line| {
+                    let n = functions.get(&line.function_id).copied().unwrap_or("");
+                    strip_hash(n).to_string()
+                })
+                .filter(|n| !n.is_empty())
+                .collect();
+            if names.is_empty() {
+                names.push(format!("0x{:x}", l.address));
+            }
+            (l.id, names)
+        })
+        .collect();
+    let thread_key = strings.iter().position(|k| k == "thread").map(|i| i as i64);
+    let mut merged: BTreeMap<(Option<String>, Vec<String>), i64> = BTreeMap::new();
+    for sample in &profile.sample {
+        let value = sample.value.get(value_index).copied().unwrap_or(0);
+        if value == 0 {
+            continue;
+        }
+        // `location_id[0]` is the leaf.
+        let mut frames: Vec<String> = sample
+            .location_id
+            .iter()
+            .flat_map(|id| {
+                locations
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_else(|| vec![format!("location#{id}")])
+            })
+            .collect();
+        frames.reverse();
+        let thread = thread_key.and_then(|k| {
+            sample
+                .label
+                .iter()
+                .find(|l| l.key == k && l.str != 0)
+                .map(|l| s(l.str).to_string())
+        });
+        *merged.entry((thread, frames)).or_default() += value;
+    }
+    let mut out: Vec<Stack> = merged
+        .into_iter()
+        .map(|((thread, frames), value)| Stack {
+            frames,
+            thread,
+            value,
+        })
+        .collect();
+    out.sort_by(|a, b| b.value.cmp(&a.value).then_with(|| a.frames.cmp(&b.frames)));
+    out
+}
+
+/// Folded stacks (`root;...;leaf value` per line, Brendan Gregg's format), with the thread
+/// name as the root frame when `with_thread`.
+pub fn collapsed(stacks: &[Stack], with_thread: bool) -> String {
+    let mut out = String::new();
+    for st in stacks {
+        let mut parts: Vec<&str> = Vec::with_capacity(st.frames.len() + 1);
+        if with_thread && let Some(t) = &st.thread {
+            parts.push(t);
+        }
+        parts.extend(st.frames.iter().map(String::as_str));
+        // `;` separates frames and a space precedes the count: keep names from breaking that.
+        let line: Vec<String> = parts.iter().map(|p| p.replace(';', ":")).collect();
+        out.push_str(&line.join(";"));
+        out.push(' ');
+        out.push_str(&st.value.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+/// An inferno flamegraph of `stacks` (thread names as the root frames).
+pub fn flamegraph_svg(
+    stacks: &[Stack],
+    title: &str,
+    count_name: &str,
+) -> Result<Vec<u8>, ProfileError> {
+    use pprof::flamegraph::color::{MultiPalette, Palette};
+    if stacks.is_empty() {
+        return Ok(empty_svg(title).into_bytes());
+    }
+    let folded = collapsed(stacks, true);
+    let mut options = pprof::flamegraph::Options::default();
+    options.title = title.to_string();
+    options.count_name = count_name.to_string();
+    options.colors = Palette::Multi(MultiPalette::Rust);
+    let mut svg = Vec::new();
+    pprof::flamegraph::from_lines(&mut options, folded.lines(), &mut svg)
+        .map_err(|e| ProfileError::Failed(format!("rendering the flamegraph: {e}")))?;
+    Ok(svg)
+}
+
+/// A valid SVG saying that there was nothing to draw (an idle process takes no CPU samples).
+fn empty_svg(title: &str) -> String {
+    let esc = title
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
+    format!(
+        r#"<?xml version="1.0" standalone="no"?>
+<svg version="1.1" width="1200" height="80" xmlns="http://www.w3.org/2000/svg">
+<text x="600" y="30" text-anchor="middle" font-family="Verdana" font-size="17">{esc}</text>
+<text x="600" y="60" text-anchor="middle" font-family="Verdana" font-size="12">no samples: the process used no CPU while it was profiled</text>
+</svg>
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use std::sync::atomic::AtomicU64;
+    use std::time::Instant;
+    use tower::ServiceExt as _;
+
+    /// Turns jemalloc heap profiling on in this test binary, exactly as a service's `main.rs`
+    /// does, so that `/debug/pprof/heap` can be tested for real.
+    #[allow(unsafe_code, non_upper_case_globals)]
+    #[unsafe(export_name = "malloc_conf")]
+    pub static malloc_conf: &u8 = &MALLOC_CONF[0];
+
+    /// Profiles in this binary take turns: pprof-rs's profiler is one per process.
+    static PROFILE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    const TOKEN: &str = "0123456789abcdef-test-token";
+
+    fn app(token: Option<&str>) -> Router {
+        routes(
+            "test-service",
+            &DebugConfig {
+                token: token.map(str::to_string),
+            },
+        )
+    }
+
+    fn request(path: &str, peer: Option<SocketAddr>, auth: Option<&str>) -> Request {
+        let mut req = Request::builder().uri(path);
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        let mut req = req.body(Body::empty()).expect("a valid request");
+        if let Some(p) = peer {
+            req.extensions_mut().insert(ConnectInfo(p));
+        }
+        req
+    }
+
+    async fn body(resp: Response) -> Vec<u8> {
+        axum::body::to_bytes(resp.into_body(), 64 << 20)
+            .await
+            .expect("body")
+            .to_vec()
+    }
+
+    fn content_type(resp: &Response) -> String {
+        resp.headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    }
+
+    const LOOPBACK: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40000);
+    const BRIDGE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)), 40000);
+
+    #[test]
+    fn the_access_rule() {
+        let v6_loopback = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 1);
+        let mapped = SocketAddr::new(IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()), 1);
+        let ok = format!("Bearer {TOKEN}");
+        /// (peer, Authorization header, configured token, expected decision)
+        type Case<'a> = (
+            Option<SocketAddr>,
+            Option<&'a str>,
+            Option<&'a str>,
+            &'a str,
+        );
+        let table: &[Case] = &[
+            (Some(LOOPBACK), None, None, "allowed"),
+            (Some(v6_loopback), None, Some(TOKEN), "allowed"),
+            (Some(mapped), None, None, "allowed"),
+            (Some(LOOPBACK), Some("Bearer wrong"), Some(TOKEN), "allowed"),
+            (Some(BRIDGE), None, None, "403"),
+            (Some(BRIDGE), Some(&ok), None, "403"),
+            (Some(BRIDGE), None, Some(TOKEN), "401"),
+            (Some(BRIDGE), Some("Bearer wrong"), Some(TOKEN), "401"),
+            (Some(BRIDGE), Some(TOKEN), Some(TOKEN), "401"),
+            (Some(BRIDGE), Some("Basic abc"), Some(TOKEN), "401"),
+            (Some(BRIDGE), Some(&ok), Some(TOKEN), "allowed"),
+            (
+                Some(BRIDGE),
+                Some(&format!("bearer  {TOKEN} ")),
+                Some(TOKEN),
+                "allowed",
+            ),
+            (None, None, None, "403"),
+            (None, Some(&ok), Some(TOKEN), "allowed"),
+        ];
+        for (peer, auth, token, want) in table {
+            let got = match decide(*peer, *auth, *token) {
+                Access::Allowed => "allowed",
+                Access::Unauthorized(_) => "401",
+                Access::Forbidden(_) => "403",
+            };
+            assert_eq!(got, *want, "peer {peer:?} auth {auth:?} token {token:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_guard_answers_401_and_403_before_any_work() {
+        let cases: &[(Option<&str>, SocketAddr, Option<&str>, StatusCode)] = &[
+            (None, LOOPBACK, None, StatusCode::OK),
+            (None, BRIDGE, None, StatusCode::FORBIDDEN),
+            (Some(TOKEN), BRIDGE, None, StatusCode::UNAUTHORIZED),
+            (
+                Some(TOKEN),
+                BRIDGE,
+                Some("Bearer nope"),
+                StatusCode::UNAUTHORIZED,
+            ),
+            (
+                Some(TOKEN),
+                BRIDGE,
+                Some("Bearer 0123456789abcdef-test-token"),
+                StatusCode::OK,
+            ),
+        ];
+        for (token, peer, auth, want) in cases {
+            for path in ["/debug/pprof/", "/debug/pprof/heap?format=nope"] {
+                let resp = app(*token)
+                    .oneshot(request(path, Some(*peer), *auth))
+                    .await
+                    .expect("infallible");
+                let want = if *want == StatusCode::OK && path.contains("heap") {
+                    StatusCode::BAD_REQUEST // past the guard: the bad format is the problem
+                } else {
+                    *want
+                };
+                assert_eq!(
+                    resp.status(),
+                    want,
+                    "{path} token {token:?} peer {peer} auth {auth:?}"
+                );
+                if want == StatusCode::UNAUTHORIZED {
+                    assert!(resp.headers().contains_key(header::WWW_AUTHENTICATE));
+                }
+            }
+        }
+        // Without ConnectInfo the peer is unknown: treated as remote.
+        let resp = app(None)
+            .oneshot(request("/debug/pprof/", None, None))
+            .await
+            .expect("infallible");
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn parameters_are_checked() {
+        let q = |pairs: &[(&str, &str)]| {
+            CpuRequest::parse(
+                &pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        let d = q(&[]).expect("defaults");
+        assert_eq!(
+            (d.seconds, d.hz, d.format, d.capped),
+            (30, 99, Format::Pprof, false)
+        );
+        let c = q(&[
+            ("seconds", "100000"),
+            ("hz", "250"),
+            ("format", "collapsed"),
+        ])
+        .expect("ok");
+        assert_eq!(
+            (c.seconds, c.hz, c.format, c.capped),
+            (MAX_SECONDS, 250, Format::Collapsed, true)
+        );
+        for bad in [
+            vec![("seconds", "0")],
+            vec![("seconds", "-1")],
+            vec![("seconds", "1.5")],
+            vec![("hz", "0")],
+            vec![("hz", "5000")],
+            vec![("format", "png")],
+            vec![("second", "5")],
+        ] {
+            let e = q(&bad).expect_err("refused");
+            assert!(matches!(e, ProfileError::BadRequest(_)), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn token_validation() {
+        let c = |t: Option<&str>| DebugConfig {
+            token: t.map(str::to_string),
+        };
+        assert!(c(None).validate().is_ok());
+        assert!(c(Some(TOKEN)).validate().is_ok());
+        for bad in ["", "short", "has a space in it, sixteen+"] {
+            let e = c(Some(bad)).validate().expect_err(bad).to_string();
+            assert!(e.contains("debug.token"), "{e}");
+        }
+    }
+
+    #[test]
+    fn hashes_are_stripped() {
+        assert_eq!(strip_hash("a::b::h0123456789abcdef"), "a::b");
+        assert_eq!(strip_hash("a::b::hello"), "a::b::hello");
+        assert_eq!(strip_hash("main"), "main");
+    }
+
+    /// Burns CPU in a known function until `stop` is set: the profiled workload.
+    #[inline(never)]
+    fn kit_debug_test_burn(stop: &AtomicBool, sink: &AtomicU64) {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        while !stop.load(Ordering::Relaxed) {
+            for _ in 0..10_000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+            }
+            sink.fetch_add(x & 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs `kit_debug_test_burn` on a thread until the returned guard is dropped.
+    struct Burner {
+        stop: Arc<AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Burner {
+        fn start() -> Burner {
+            let stop = Arc::new(AtomicBool::new(false));
+            let s = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name("burner".into())
+                .spawn(move || kit_debug_test_burn(&s, &AtomicU64::new(0)))
+                .expect("spawn");
+            Burner {
+                stop,
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for Burner {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn formats_and_content_types() {
+        let _turn = PROFILE_LOCK.lock().await;
+        let _burn = Burner::start();
+        let cases = [
+            ("/debug/pprof/profile?seconds=1", "application/octet-stream"),
+            (
+                "/debug/pprof/profile?seconds=1&format=pprof&hz=199",
+                "application/octet-stream",
+            ),
+            ("/debug/pprof/profile?seconds=1&format=svg", "image/svg+xml"),
+            ("/debug/pprof/flamegraph?seconds=1", "image/svg+xml"),
+            (
+                "/debug/pprof/profile?seconds=1&format=collapsed",
+                "text/plain; charset=utf-8",
+            ),
+        ];
+        for (path, want) in cases {
+            let resp = app(None)
+                .oneshot(request(path, Some(LOOPBACK), None))
+                .await
+                .expect("infallible");
+            assert_eq!(resp.status(), StatusCode::OK, "{path}");
+            assert_eq!(content_type(&resp), want, "{path}");
+            let bytes = body(resp).await;
+            match want {
+                "application/octet-stream" => {
+                    assert_eq!(&bytes[..2], &[0x1f, 0x8b], "gzip magic");
+                    let p = decode_pprof(&bytes).expect("a pprof Profile");
+                    assert!(!p.sample.is_empty(), "samples");
+                    assert!(!p.function.is_empty(), "symbolized");
+                    let folded = collapsed(&stacks(&p, 0), true);
+                    assert!(folded.contains("kit_debug_test_burn"), "{folded}");
+                    let own = stacks(&p, 0).into_iter().flat_map(|s| s.frames).find(|f| {
+                        // (`backtrace::` frames may be genuine: the heap test symbolizes.)
+                        f.starts_with("pprof::")
+                            || f.contains("perf_signal_handler")
+                            || f == SIGNAL_TRAMPOLINE
+                    });
+                    assert_eq!(own, None, "the profiler's own frames are stripped");
+                }
+                "image/svg+xml" => {
+                    let svg = String::from_utf8_lossy(&bytes);
+                    assert!(svg.contains("<svg"), "svg");
+                    assert!(
+                        svg.contains("kit_debug_test_burn"),
+                        "flamegraph names the burner"
+                    );
+                }
+                _ => {
+                    let text = String::from_utf8_lossy(&bytes);
+                    let line = text
+                        .lines()
+                        .find(|l| l.contains("kit_debug_test_burn"))
+                        .expect("the burner's stack");
+                    assert!(line.starts_with("burner;"), "thread name first: {line}");
+                    let (_, n) = line.rsplit_once(' ').expect("a count");
+                    assert!(n.parse::<u64>().expect("a number") > 0);
+                }
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_concurrent_profile_gets_409() {
+        let _turn = PROFILE_LOCK.lock().await;
+        let first = tokio::spawn(app(None).oneshot(request(
+            "/debug/pprof/profile?seconds=2",
+            Some(LOOPBACK),
+            None,
+        )));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cpu_profile_running() {
+            assert!(Instant::now() < deadline, "the first profile never started");
+            tokio::task::yield_now().await;
+        }
+        let second = app(None)
+            .oneshot(request(
+                "/debug/pprof/flamegraph?seconds=1",
+                Some(LOOPBACK),
+                None,
+            ))
+            .await
+            .expect("infallible");
+        assert_eq!(second.status(), StatusCode::CONFLICT);
+        assert!(String::from_utf8_lossy(&body(second).await).contains("already"));
+        let first = first.await.expect("join").expect("infallible");
+        assert_eq!(first.status(), StatusCode::OK);
+        assert!(!cpu_profile_running(), "the slot is released");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abandoned_profile_frees_the_slot() {
+        let _turn = PROFILE_LOCK.lock().await;
+        let started = Instant::now();
+        let abandoned = tokio::time::timeout(
+            Duration::from_millis(300),
+            cpu_profile(Duration::from_secs(60), 99),
+        )
+        .await;
+        assert!(abandoned.is_err(), "timed out");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cpu_profile_running() {
+            assert!(Instant::now() < deadline, "the slot was never released");
+            tokio::task::yield_now().await;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn heap_profile_from_jemalloc() {
+        assert!(heap_status().is_ok(), "{:?}", heap_status());
+        // Something to find: 64 MiB held by a known function.
+        #[inline(never)]
+        fn kit_debug_test_hold() -> Vec<Vec<u8>> {
+            (0..64).map(|i| vec![i as u8; 1 << 20]).collect()
+        }
+        let held = kit_debug_test_hold();
+        for (path, want) in [
+            ("/debug/pprof/heap", "application/octet-stream"),
+            ("/debug/pprof/heap?format=svg", "image/svg+xml"),
+            (
+                "/debug/pprof/heap?format=collapsed",
+                "text/plain; charset=utf-8",
+            ),
+        ] {
+            let resp = app(None)
+                .oneshot(request(path, Some(LOOPBACK), None))
+                .await
+                .expect("infallible");
+            assert_eq!(resp.status(), StatusCode::OK, "{path}");
+            assert_eq!(content_type(&resp), want, "{path}");
+            let bytes = body(resp).await;
+            if want == "application/octet-stream" {
+                let p = decode_pprof(&bytes).expect("pprof");
+                let folded = collapsed(&stacks(&p, 0), false);
+                let held_bytes: i64 = stacks(&p, 0)
+                    .iter()
+                    .filter(|s| s.frames.iter().any(|f| f.contains("kit_debug_test_hold")))
+                    .map(|s| s.value)
+                    .sum();
+                assert!(
+                    held_bytes > 32 << 20,
+                    "~64 MiB attributed to the holder, got {held_bytes}:\n{folded}"
+                );
+            }
+        }
+        drop(held);
+    }
+
+    /// `go tool pprof -top` opens what the endpoint serves and names the hot function. Skipped,
+    /// saying so, when Go is not installed (`apt-get install golang-go`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn go_tool_pprof_opens_the_profile() {
+        let go_found = std::process::Command::new("go")
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !go_found {
+            eprintln!(
+                "SKIPPED go_tool_pprof_opens_the_profile: `go` is not installed (apt-get install -y golang-go)"
+            );
+            return;
+        }
+        let bytes = {
+            let _turn = PROFILE_LOCK.lock().await;
+            let _burn = Burner::start();
+            let resp = app(None)
+                .oneshot(request(
+                    "/debug/pprof/profile?seconds=1",
+                    Some(LOOPBACK),
+                    None,
+                ))
+                .await
+                .expect("infallible");
+            assert_eq!(resp.status(), StatusCode::OK);
+            body(resp).await
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("cpu.pb.gz");
+        std::fs::write(&file, &bytes).expect("write");
+        let out = std::process::Command::new("go")
+            .args(["tool", "pprof", "-top", "-nodecount=15"])
+            .arg(&file)
+            .env("HOME", dir.path())
+            .env("GOCACHE", dir.path().join("gocache"))
+            .env("PPROF_TMPDIR", dir.path())
+            .output()
+            .expect("run go tool pprof");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("kit_debug_test_burn"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn the_index_lists_the_endpoints() {
+        let resp = app(None)
+            .oneshot(request("/debug/pprof/", Some(LOOPBACK), None))
+            .await
+            .expect("infallible");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let text = String::from_utf8_lossy(&body(resp).await).to_string();
+        for want in ["profile?seconds", "flamegraph", "heap", "Heap profiler: on"] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
+    }
+}
