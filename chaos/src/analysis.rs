@@ -218,7 +218,10 @@ pub fn analyse(
     // busy machine do not undo a recovery that happened.)
     let settle_ms = RECOVERY_WINDOW_S * 1000.0;
     let full_recovery = candidates.into_iter().find(|&t| {
-        let queues = samples_after.iter().filter(|s| s.t_ms as f64 >= t).all(|s| queues_ok(s))
+        let queues = samples_after
+            .iter()
+            .filter(|s| s.t_ms as f64 >= t)
+            .all(|s| queues_ok(s))
             && samples_after.iter().any(|s| s.t_ms as f64 >= t);
         let window_end = (t + settle_ms).min(marks.load_end_ms as f64);
         let next: Vec<&&LedgerEntry> = entries
@@ -226,7 +229,9 @@ pub fn analyse(
             .filter(|e| e.kind == "new" && intended_ms(e) >= t && intended_ms(e) < window_end)
             .collect();
         let normal = !next.is_empty()
-            && next.iter().all(|e| e.outcome == Outcome::Accepted || e.outcome == Outcome::Rejected)
+            && next
+                .iter()
+                .all(|e| e.outcome == Outcome::Accepted || e.outcome == Outcome::Rejected)
             && window(next.iter().map(|e| **e)).p99_ms <= bound;
         queues && normal
     });

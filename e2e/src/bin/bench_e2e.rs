@@ -10,7 +10,9 @@ use anyhow::Context;
 use clap::Parser;
 use e2e::lab_root;
 use lab::{Component, Lab, LabConfig};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use loadgen::capacity::{CapacitySpec, search};
@@ -21,7 +23,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(about = "End-to-end throughput and latency of the exchange, against the pipeline's ceiling")]
+#[command(
+    about = "End-to-end throughput and latency of the exchange, against the pipeline's ceiling"
+)]
 struct Args {
     /// p99 acknowledgement latency the sustained rate must stay under.
     #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
@@ -55,8 +59,12 @@ async fn rabbitmq_ceiling(url: &str, n: usize) -> anyhow::Result<f64> {
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let queue = "bench.ceiling";
-    ch.queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default())
-        .await?;
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await?;
     let start = Instant::now();
     let mut pending = std::collections::VecDeque::new();
     for i in 0..n {
@@ -83,7 +91,8 @@ async fn rabbitmq_ceiling(url: &str, n: usize) -> anyhow::Result<f64> {
         anyhow::ensure!(c.await?.is_ack(), "broker nacked a message");
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();
-    ch.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
+    ch.queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await?;
     conn.close(200, "done".into()).await?;
     Ok(rate)
 }
@@ -113,7 +122,9 @@ async fn postgres_ceiling(url: &str, n: usize) -> anyhow::Result<f64> {
         tx.commit().await?;
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();
-    sqlx::query("DROP TABLE bench_ceiling").execute(&pool).await?;
+    sqlx::query("DROP TABLE bench_ceiling")
+        .execute(&pool)
+        .await?;
     pool.close().await;
     Ok(rate)
 }
@@ -125,13 +136,16 @@ async fn main() -> anyhow::Result<()> {
         .parent()
         .context("no folder for this binary")?
         .to_owned();
-    let config = LabConfig::ephemeral(lab_root("bench-e2e")?, [Component::OrderGateway])?.with_bin_dir(&bin_dir);
+    let config = LabConfig::ephemeral(lab_root("bench-e2e")?, [Component::OrderGateway])?
+        .with_bin_dir(&bin_dir);
     eprintln!("starting a lab from {} ...", bin_dir.display());
     let lab = Lab::start(config).await.context("starting the lab")?;
     let gateway = lab.url(Component::OrderGateway)?;
     let database = lab.url(Component::Postgres)?;
     let amqp = lab.url(Component::Rabbitmq)?;
-    let symbols: Vec<String> = ["AAPL", "MSFT", "GOOG", "AMZN", "TSLA", "NVDA"].map(String::from).to_vec();
+    let symbols: Vec<String> = ["AAPL", "MSFT", "GOOG", "AMZN", "TSLA", "NVDA"]
+        .map(String::from)
+        .to_vec();
 
     eprintln!("demo load: 30 orders/s for 20 s ...");
     let demo = loadgen::run::run(
@@ -157,7 +171,10 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     eprint!("{}", demo.table());
 
-    eprintln!("capacity search: highest rate with ack p99 < {:?} ...", args.max_p99);
+    eprintln!(
+        "capacity search: highest rate with ack p99 < {:?} ...",
+        args.max_p99
+    );
     let cap = search(
         &CapacitySpec {
             target: gateway.clone(),
@@ -204,7 +221,10 @@ async fn main() -> anyhow::Result<()> {
     pool.close().await;
     let rows_per_order = (events + orders + trades) as f64 / orders.max(1) as f64;
 
-    eprintln!("ceilings: RabbitMQ publish with confirms, PostgreSQL batched inserts ({} each) ...", args.ceiling_items);
+    eprintln!(
+        "ceilings: RabbitMQ publish with confirms, PostgreSQL batched inserts ({} each) ...",
+        args.ceiling_items
+    );
     let rabbit = rabbitmq_ceiling(&amqp, args.ceiling_items).await?;
     let pg_rows = postgres_ceiling(&database, args.ceiling_items).await?;
     let pg_orders = pg_rows / rows_per_order;
@@ -234,9 +254,15 @@ async fn main() -> anyhow::Result<()> {
         "targets": {"orders_per_sec": 20_000, "p99_ms": 20, "ratio_to_ceiling": 0.5, "demo_p99_ms": 5},
     });
     println!("end-to-end benchmark (whole pipeline on this machine, load generator included):");
-    println!("  sustained: {sustained:.0} orders/s with ack p99 < {:?}", args.max_p99);
+    println!(
+        "  sustained: {sustained:.0} orders/s with ack p99 < {:?}",
+        args.max_p99
+    );
     if let Some(b) = &best {
-        println!("    at that rate: p50 {:.2} ms, p99 {:.2} ms", b.ack_p50_ms, b.ack_p99_ms);
+        println!(
+            "    at that rate: p50 {:.2} ms, p99 {:.2} ms",
+            b.ack_p50_ms, b.ack_p99_ms
+        );
     }
     println!(
         "  demo load 30/s: p50 {:.2} ms, p99 {:.2} ms",
@@ -246,7 +272,10 @@ async fn main() -> anyhow::Result<()> {
         "  ceiling: RabbitMQ {:.0} msgs/s, PostgreSQL {:.0} rows/s = {:.0} orders/s ({:.2} rows per order) -> {:.0} orders/s",
         rabbit, pg_rows, pg_orders, rows_per_order, ceiling
     );
-    println!("  ratio to the ceiling: {:.1}%", sustained / ceiling.max(1.0) * 100.0);
+    println!(
+        "  ratio to the ceiling: {:.1}%",
+        sustained / ceiling.max(1.0) * 100.0
+    );
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
