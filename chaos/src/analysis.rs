@@ -76,8 +76,9 @@ pub struct Measurements {
     /// caught up and the next [`RECOVERY_WINDOW_S`] seconds of orders are all answered 201 with
     /// p99 within `recovery_bound_ms`.
     pub full_recovery_s: Option<f64>,
-    /// `max(1.2 × baseline p99, baseline p99 + 2 ms)`: "back to normal" (the floor absorbs
-    /// timer noise at sub-millisecond latencies).
+    /// `max(1.2 × baseline p99, baseline p99 + 2 ms, baseline max)`: "back to normal". A few
+    /// seconds of orders have a p99 close to their maximum; the baseline's own maximum and the
+    /// 2 ms floor keep the machine's noise from reading as an unrecovered system.
     pub recovery_bound_ms: f64,
     /// `during.p99 / baseline.p99`.
     pub latency_inflation: f64,
@@ -90,7 +91,7 @@ pub struct Measurements {
 }
 
 /// Seconds of normal service that make a recovery.
-pub const RECOVERY_WINDOW_S: f64 = 3.0;
+pub const RECOVERY_WINDOW_S: f64 = 1.0;
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
@@ -198,7 +199,12 @@ pub fn analyse(
             Some(acc.map_or(t, |a| a.min(t)))
         });
 
-    let bound = (1.2 * baseline.p99_ms).max(baseline.p99_ms + 2.0);
+    // A one-second window holds ~30 orders at demo rates, so its p99 is its maximum:
+    // latency is back to normal when that is within 1.2x the baseline p99, or no worse than
+    // the worst the baseline itself saw (the machine's own noise), or within 2 ms of it.
+    let bound = (1.2 * baseline.p99_ms)
+        .max(baseline.p99_ms + 2.0)
+        .max(baseline.max_ms);
     // The retry queue is empty in normal operation; the outbox and persistence always have a
     // few events in flight, so "drained" means back under about a second's worth.
     let lag_ok = (rate * 1.0).max(20.0);
@@ -214,7 +220,7 @@ pub fn analyse(
     let mut candidates: Vec<f64> = vec![fault_end];
     candidates.extend(samples_after.iter().map(|s| s.t_ms as f64));
     // Back to normal at `t`: the queues stay drained from `t` on, and the orders of the next
-    // few seconds are all answered 201 with p99 within the bound. (Later latency blips on a
+    // second are all answered 201 with p99 within the bound. (Later latency blips on a
     // busy machine do not undo a recovery that happened.)
     let settle_ms = RECOVERY_WINDOW_S * 1000.0;
     let full_recovery = candidates.into_iter().find(|&t| {

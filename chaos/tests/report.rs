@@ -150,7 +150,9 @@ fn reports_render_self_contained_and_validate_against_the_schema() {
         3,
         "throughput, latency, queues (no kernel data here)"
     );
-    for external in ["http://", "https://", "src=", "href=", "@import", "url("] {
+    for external in [
+        "http://", "https://", " src=\"", " href=\"", "@import", "url(",
+    ] {
         assert!(
             !html.contains(external),
             "report.html refers to something outside itself: {external}"

@@ -70,10 +70,10 @@ pub fn app(gw: Gateway) -> Router {
         gw.readiness().clone(),
     ));
     let limit = gw.config().http.body_limit_bytes;
-    kit::http::with_standard_layers(router, &gw.config().http)
-        .layer(middleware::map_response_with_state(limit, json_errors))
-        // After the layers: a 30 s profile must not meet the request timeout.
-        .merge(kit::debug::routes(crate::SERVICE, &gw.config().debug))
+    let app = kit::http::with_standard_layers(router, &gw.config().http)
+        .layer(middleware::map_response_with_state(limit, json_errors));
+    // Outside the layers: a 30 s profile must not meet the request timeout.
+    kit::debug::with_debug_routes(app, crate::SERVICE, &gw.config().debug)
 }
 
 /// Rewrites bare (non-JSON) error responses from layers and the router into the error shape.

@@ -72,6 +72,9 @@ struct Inner {
     known: KnownOrders,
     spool: Spool,
     engine: EngineClient,
+    /// The engine for retry-queue delivery: same timeouts but a short connect timeout
+    /// (`[delivery] connect_timeout_ms`), so a healed engine is found fast.
+    delivery: EngineClient,
     persistence: PersistenceClient,
     /// Behind `/readyz` (the spool only).
     readiness: Readiness,
@@ -126,6 +129,13 @@ impl Gateway {
         crate::obs::describe();
         let dependencies = Readiness::new(&[upstream::ENGINE, upstream::PERSISTENCE]);
         let engine = EngineClient::new(&config.engine, dependencies.clone())?;
+        let delivery = EngineClient::new(
+            &crate::config::UpstreamConfig {
+                connect_timeout_ms: config.delivery.connect_timeout_ms,
+                ..config.engine.clone()
+            },
+            dependencies.clone(),
+        )?;
         let persistence = PersistenceClient::new(&config.persistence, dependencies.clone())?;
         let gw = Gateway {
             inner: Arc::new(Inner {
@@ -138,6 +148,7 @@ impl Gateway {
                 ),
                 known: KnownOrders::new(config.idempotency.recent_orders_max_entries),
                 spool,
+                delivery,
                 engine,
                 persistence,
                 readiness,
@@ -558,7 +569,7 @@ impl Gateway {
         }
         let mut out = Vec::with_capacity(entries.len());
         if !commands.is_empty() {
-            match self.inner.engine.send_batch(&commands).await {
+            match self.inner.delivery.send_batch(&commands).await {
                 Ok(answers) => {
                     for (command, answer) in commands.iter().zip(answers) {
                         let d = self.settle(command, answer);
