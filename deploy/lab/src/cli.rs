@@ -58,6 +58,9 @@ enum Command {
     /// Remove what a lab whose supervisor died left behind (processes, namespaces, veths,
     /// bridge, cgroups, iptables rules), from its state file. Safe to run more than once.
     Cleanup,
+    /// Where to look: the gateway, Prometheus, an example order, the chaos and profiling
+    /// targets, and how to stop.
+    Where,
     /// Show every component: status, pid, address, restarts, last exit.
     Status {
         /// Print the state file as JSON.
@@ -129,6 +132,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Down { purge } => down(&root, purge),
         Command::Cleanup => cleanup(&root),
         Command::Status { json } => status(&root, json),
+        Command::Where => where_to_look(&root),
         Command::Logs {
             component,
             follow,
@@ -689,6 +693,53 @@ fn status(root: &Path, json: bool) -> anyhow::Result<ExitCode> {
     if let Some(error) = &state.error {
         say!("\n{error}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn where_to_look(root: &Path) -> anyhow::Result<ExitCode> {
+    let Some(state) = read_state(root)? else {
+        say!("no lab at {} (start one with `make demo`)", root.display());
+        return Ok(ExitCode::FAILURE);
+    };
+    if !supervisor_running(&state) {
+        say!(
+            "the lab at {} is not running (start it with `make demo`)",
+            root.display()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    let url = |c: Component| {
+        state
+            .component(c)
+            .and_then(|s| s.primary_url())
+            .unwrap_or("(not running)")
+            .to_owned()
+    };
+    let gateway = url(Component::OrderGateway);
+    say!("\nThe exchange is running (root {}).\n", root.display());
+    say!("  order gateway   {gateway}   (API: {gateway}/openapi.json)");
+    say!("  prometheus      {}", url(Component::Prometheus));
+    say!("  postgres        {}", url(Component::Postgres));
+    if state.component(Component::Probes).is_some() {
+        say!(
+            "  eBPF agent      {}/metrics  {}/events",
+            url(Component::Probes),
+            url(Component::Probes)
+        );
+    }
+    say!("\nPlace an order:");
+    say!(
+        "  curl -s -XPOST {gateway}/v1/orders -H 'content-type: application/json' \\\n    -d '{{\"client_order_id\":\"c-1\",\"account\":\"acct-1\",\"symbol\":\"AAPL\",\"side\":\"buy\",\"type\":\"limit\",\"price\":\"101.25\",\"quantity\":10,\"time_in_force\":\"gtc\"}}'"
+    );
+    say!("  curl -s {gateway}/v1/orders/<order_id>      curl -s '{gateway}/v1/book/AAPL?depth=5'");
+    say!("\nNext:");
+    say!("  make load                       60 s at 30 orders/s, then the zero-loss audit");
+    say!(
+        "  make chaos-network-partition    (make help lists all ten experiments; reports/ has the reports)"
+    );
+    say!("  make profile-cpu                flamegraphs of every service under load");
+    say!("  target/release/lab status       components, pids, addresses, restarts");
+    say!("  make down                       stop everything");
     Ok(ExitCode::SUCCESS)
 }
 
