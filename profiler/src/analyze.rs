@@ -176,7 +176,10 @@ impl Rules {
         frames_root_first: &'a [String],
         memo: &mut HashMap<String, Option<usize>>,
     ) -> (usize, Option<&'a str>) {
+        // For a stack no rule matches, the function shown is the first qualified frame from the
+        // leaf (`a::b`): inlined frames symbolized from line tables have bare names (`is_none`).
         let mut leaf = None;
+        let mut qualified = None;
         for frame in frames_root_first.iter().rev() {
             let decided = match memo.get(frame.as_str()) {
                 Some(d) => *d,
@@ -195,10 +198,13 @@ impl Rules {
                 Some(c) => return (c, Some(frame)),
                 None => {
                     leaf.get_or_insert(frame.as_str());
+                    if frame.contains("::") {
+                        qualified.get_or_insert(frame.as_str());
+                    }
                 }
             }
         }
-        (self.other, leaf)
+        (self.other, qualified.or(leaf))
     }
 }
 
@@ -609,6 +615,7 @@ mod tests {
                 "messaging",
                 "network",
                 "runtime",
+                "storage",
                 "allocation",
                 "other"
             ]
@@ -654,8 +661,28 @@ mod tests {
                 "matching",
             ),
             (
-                "matching_engine::matcher::run;matching_engine::journal::Journal::append;fdatasync",
+                "matching_engine::matcher::run;matching_engine::journal::Journal::append;<std::fs::File>::sync_data;__GI_fdatasync",
+                "storage",
+            ),
+            (
+                "matching_engine::matcher::run;matching_engine::journal::Journal::append;__GI___libc_write",
+                "storage",
+            ),
+            (
+                "order_gateway::api::create_order;domain::price::SymbolSpec::parse_price",
+                "validation",
+            ),
+            (
+                "order_gateway::upstream::{async_fn#0};reqwest::into_url::into_url;http::uri::authority::validate_authority_bytes",
+                "network",
+            ),
+            (
+                "order_gateway::answers::accepted;domain::price::SymbolSpec::format_price",
                 "other",
+            ),
+            (
+                "tokio::runtime::task::raw::poll;hyper::server;std::sys::net::connection::socket::unix::Socket::write_vectored;__GI___writev",
+                "network",
             ),
             (
                 "tokio::runtime::scheduler::multi_thread::worker::run;<hyper::proto::h1::conn::Conn<I,B,T>>::poll_read",
@@ -678,6 +705,10 @@ mod tests {
                 "other",
             ),
             ("clone3;start_thread;some_unknown_leaf", "other"),
+            (
+                "clone3;std::thread::lifecycle::spawn;busy::work;is_none",
+                "other",
+            ),
             ("pprof::profiler::perf_signal_handler", "other"),
         ];
         for (frames, want) in table {
@@ -715,6 +746,12 @@ mod tests {
             "serde_json::ser::to_vec"
         );
         assert_eq!(a.categories[0].top_functions[0].share_pct, 50.0);
+        let other = a
+            .categories
+            .iter()
+            .find(|c| c.id == "other")
+            .expect("other");
+        assert_eq!(other.top_functions[0].function, "busy_loop");
         let cats: Vec<&str> = a.suggestions.iter().map(|s| s.category.as_str()).collect();
         assert_eq!(cats, ["json", "validation"]);
         let md = markdown(&a);
@@ -725,6 +762,17 @@ mod tests {
         assert!(md.contains("CPU share is not latency share"), "{md}");
         let shares: f64 = a.categories.iter().map(|c| c.share_pct).sum();
         assert!((shares - 100.0).abs() < 0.1, "{shares}");
+    }
+
+    #[test]
+    fn unmatched_stacks_show_their_first_qualified_frame() {
+        let r = Rules::builtin();
+        let frames: Vec<String> = ["clone3", "busy::work", "{async_fn#0}", "is_none"]
+            .map(str::to_string)
+            .to_vec();
+        assert_eq!(r.classify(&frames), ("other", Some("busy::work")));
+        let bare: Vec<String> = ["clone3", "is_none"].map(str::to_string).to_vec();
+        assert_eq!(r.classify(&bare), ("other", Some("is_none")));
     }
 
     #[test]

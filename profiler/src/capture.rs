@@ -114,20 +114,24 @@ pub async fn capture(stack: &Stack, opts: &CaptureOptions) -> anyhow::Result<Pat
         tokio::time::sleep(opts.warmup).await;
     }
     let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    let cpu_results = each_service(stack, |stack, s| {
-        let (opts, dir) = (opts.clone(), dir.clone());
-        async move { cpu_one(&stack, &s, &opts, &dir).await }
-    })
-    .await;
     let mut heap_results = Vec::new();
     let mut metrics_results = Vec::new();
     if opts.all {
-        // While the load still runs: the heap and the counters as they are under load.
+        // The heap under load, before the CPU profile: symbolizing a profile leaves a large
+        // symbol cache in the process (see docs/profiling.md), which would show in the heap.
         heap_results = each_service(stack, |stack, s| {
             let dir = dir.clone();
             async move { heap_one(&stack, &s, &dir).await }
         })
         .await;
+    }
+    let cpu_results = each_service(stack, |stack, s| {
+        let (opts, dir) = (opts.clone(), dir.clone());
+        async move { cpu_one(&stack, &s, &opts, &dir).await }
+    })
+    .await;
+    if opts.all {
+        // The counters at the end of the load window.
         metrics_results = each_service(stack, |stack, s| {
             let dir = dir.clone();
             async move { metrics_one(&stack, &s, &dir).await }

@@ -92,8 +92,8 @@ struct OverheadArgs {
     /// Fixed load in orders per second.
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
-    /// Length of each on/off window.
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    /// Length of each on/off window (one profile per service per "on" window, like `profile-cpu`).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     window: Duration,
     /// Number of (off, on) pairs, alternated ABBA.
     #[arg(long, default_value_t = 3)]
@@ -284,16 +284,18 @@ async fn overhead_cmd(a: OverheadArgs) -> anyhow::Result<()> {
     );
     let r = overhead::run(&stack, &opts).await?;
     println!(
-        "off: {:.1} orders/s, {:.1} CPU-ms per 1,000 orders\non:  {:.1} orders/s, {:.1} CPU-ms per 1,000 orders\nCPU overhead {:+.2} % (pairs: mean {:+.2} %, sd {:.2} %; off-window noise {:.2} %), throughput loss {:.2} %\n{}\nJSON: {}",
+        "off: {:.1} orders/s, {:.1} CPU-ms per 1,000 orders\non:  {:.1} orders/s, {:.1} CPU-ms per 1,000 orders\nCPU overhead {:+.2} % (pairs: mean {:+.2} %, median {:+.2} %, sd {:.2} %; off-window noise {:.2} %), throughput loss {:.2} %\nmeasured inside the services: building the profiles costs {:.2} % of their CPU\n{}\nJSON: {}",
         r.off.throughput_per_sec,
         r.off.cpu_ms_per_1000_orders,
         r.on.throughput_per_sec,
         r.on.cpu_ms_per_1000_orders,
         r.cpu_overhead_pct,
         r.cpu_overhead_pct_pair_mean,
+        r.cpu_overhead_pct_pair_median,
         r.cpu_overhead_pct_pair_stddev,
         r.off_noise_pct,
         r.throughput_loss_pct,
+        r.profile_building_pct,
         r.verdict,
         opts.json.display()
     );

@@ -6,7 +6,7 @@
 //! nothing is profiled. Windows alternate in ABBA order (off,on / on,off / ...) so that a slow
 //! drift of the machine (other builds on a shared host) cancels out instead of biasing one
 //! side. Per window: orders the gateway answered (its `http_server_requests_total` for
-//! `POST /v1/orders`), CPU seconds of the three services (utime+stime from `/proc/<pid>/stat`,
+//! `POST /v1/orders` and `DELETE /v1/orders/{order_id}`), CPU seconds of the three services (utime+stime from `/proc/<pid>/stat`,
 //! or their `process_cpu_seconds_total`), hence throughput and CPU per 1,000 orders.
 //! The overhead is the relative increase of CPU per 1,000 orders (and the relative loss of
 //! throughput) from off to on; the target is at most 1 %. The report gives the spread of the
@@ -48,6 +48,10 @@ pub struct Window {
     pub cpu_seconds: std::collections::BTreeMap<String, f64>,
     pub cpu_seconds_total: f64,
     pub cpu_ms_per_1000_orders: f64,
+    /// CPU seconds the services reported for building this window's profiles (symbolizing,
+    /// encoding): measured directly, so free of the host's noise. Zero in "off" windows.
+    #[serde(default)]
+    pub profile_building_cpu_seconds: f64,
 }
 
 /// Means over the windows of one side.
@@ -78,11 +82,17 @@ pub struct Report {
     pub on: Side,
     /// (on - off) / off of CPU per 1,000 orders, in percent, from the side means.
     pub cpu_overhead_pct: f64,
-    /// Mean and standard deviation of the same quantity computed per (off, on) pair.
+    /// Mean, median and standard deviation of the same quantity computed per (off, on) pair
+    /// (the median is not moved by one window that a burst of other work on the host hit).
     pub cpu_overhead_pct_pair_mean: f64,
+    pub cpu_overhead_pct_pair_median: f64,
     pub cpu_overhead_pct_pair_stddev: f64,
     /// (off - on) / off of throughput, in percent.
     pub throughput_loss_pct: f64,
+    /// The part of the overhead measured inside the services: CPU spent building the profiles
+    /// per "on" window, relative to the mean CPU of an "off" window, in percent. It leaves out
+    /// the signal handler's unwinding (about 99 samples per CPU-second).
+    pub profile_building_pct: f64,
     /// Relative spread (stddev / mean, percent) of CPU per 1,000 orders across "off" windows:
     /// the noise floor of this measurement on this machine.
     pub off_noise_pct: f64,
@@ -146,11 +156,19 @@ async fn read_counters(stack: &Stack, use_proc: bool) -> anyhow::Result<Counters
     let text = stack
         .get(gateway, "/metrics", Duration::from_secs(10))
         .await?;
-    let orders = metric_sum(
-        &String::from_utf8_lossy(&text),
+    // Orders = new orders and cancels (the flow's 10 % cancels are orders too).
+    let text = String::from_utf8_lossy(&text);
+    let new = metric_sum(
+        &text,
         "http_server_requests_total",
         &["route=\"/v1/orders\"", "method=\"POST\""],
     );
+    let cancels = metric_sum(
+        &text,
+        "http_server_requests_total",
+        &["route=\"/v1/orders/{order_id}\"", "method=\"DELETE\""],
+    );
+    let orders = new.map(|n| n + cancels.unwrap_or(0.0));
     Ok(Counters {
         at: Instant::now(),
         cpu,
@@ -171,8 +189,9 @@ async fn service_cpu(stack: &Stack, s: &Service, use_proc: bool) -> anyhow::Resu
     .with_context(|| format!("{}: no process_cpu_seconds_total in /metrics", s.name))
 }
 
-/// Profiles every service for `seconds` at `hz` and waits for all the profiles.
-async fn profile_all(stack: &Stack, seconds: u64, hz: u32) -> anyhow::Result<()> {
+/// Profiles every service for `seconds` at `hz`, waits for all the profiles, and returns the
+/// CPU seconds the services reported spending on building them (`x-profile-cpu-ms`).
+async fn profile_all(stack: &Stack, seconds: u64, hz: u32) -> anyhow::Result<f64> {
     let tasks: Vec<_> = stack
         .services
         .iter()
@@ -180,20 +199,26 @@ async fn profile_all(stack: &Stack, seconds: u64, hz: u32) -> anyhow::Result<()>
             let (stack, s) = (stack.clone(), s.clone());
             tokio::spawn(async move {
                 stack
-                    .get(
+                    .get_with_headers(
                         &s,
                         &format!("/debug/pprof/profile?seconds={seconds}&hz={hz}"),
                         Duration::from_secs(seconds + 120),
                     )
                     .await
-                    .map(|_| ())
+                    .map(|(_, h)| {
+                        h.get("x-profile-cpu-ms")
+                            .and_then(|v| v.to_str().ok()?.parse::<f64>().ok())
+                            .unwrap_or(0.0)
+                            / 1e3
+                    })
             })
         })
         .collect();
+    let mut spent = 0.0;
     for t in tasks {
-        t.await.context("profile task")??;
+        spent += t.await.context("profile task")??;
     }
-    Ok(())
+    Ok(spent)
 }
 
 /// Runs the benchmark against the running lab and writes the JSON report.
@@ -262,13 +287,15 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
             };
             for profiling in order {
                 let before = read_counters(stack, use_proc).await?;
+                let mut building = 0.0;
                 if profiling {
-                    profile_all(stack, window_s, opts.hz).await?;
+                    building = profile_all(stack, window_s, opts.hz).await?;
                 } else {
                     tokio::time::sleep(Duration::from_secs(window_s)).await;
                 }
                 let after = read_counters(stack, use_proc).await?;
-                let w = window(windows.len(), profiling, stack, &before, &after, opts.rate);
+                let mut w = window(windows.len(), profiling, stack, &before, &after, opts.rate);
+                w.profile_building_cpu_seconds = building;
                 eprintln!(
                     "  window {:>2} profiling {:<3} {:>6.1} orders/s  {:>7.1} CPU-ms per 1,000 orders",
                     w.index,
@@ -339,6 +366,7 @@ fn window(
         } else {
             0.0
         },
+        profile_building_cpu_seconds: 0.0,
     }
 }
 
@@ -347,6 +375,20 @@ fn mean(v: &[f64]) -> f64 {
         0.0
     } else {
         v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len().is_multiple_of(2) {
+        (s[m - 1] + s[m]) / 2.0
+    } else {
+        s[m]
     }
 }
 
@@ -414,12 +456,17 @@ pub fn summarize(
         }
     };
     let cpu_overhead = rel(on.cpu_ms_per_1000_orders, off.cpu_ms_per_1000_orders);
-    let pair_diffs: Vec<f64> = off_w
-        .iter()
-        .zip(on_w.iter())
-        .map(|(a, b)| rel(b.cpu_ms_per_1000_orders, a.cpu_ms_per_1000_orders))
+    // Consecutive windows form the (off, on) pairs: ABBA keeps each pair adjacent in time.
+    let pair_diffs: Vec<f64> = windows
+        .chunks(2)
+        .filter_map(|p| {
+            let off = p.iter().find(|w| !w.profiling)?;
+            let on = p.iter().find(|w| w.profiling)?;
+            Some(rel(on.cpu_ms_per_1000_orders, off.cpu_ms_per_1000_orders))
+        })
         .collect();
     let pair_mean = mean(&pair_diffs);
+    let pair_median = median(&pair_diffs);
     let pair_sd = stddev(&pair_diffs);
     let off_noise = {
         let v: Vec<f64> = off_w.iter().map(|w| w.cpu_ms_per_1000_orders).collect();
@@ -430,6 +477,23 @@ pub fn summarize(
         }
     };
     let throughput_loss = -rel(on.throughput_per_sec, off.throughput_per_sec);
+    let off_cpu = mean(
+        &off_w
+            .iter()
+            .map(|w| w.cpu_seconds_total)
+            .collect::<Vec<_>>(),
+    );
+    let building = mean(
+        &on_w
+            .iter()
+            .map(|w| w.profile_building_cpu_seconds)
+            .collect::<Vec<_>>(),
+    );
+    let building_pct = if off_cpu > 0.0 {
+        building / off_cpu * 100.0
+    } else {
+        0.0
+    };
     // Half-width of a rough 95 % interval of the pair mean.
     let half = if pair_diffs.len() >= 2 {
         2.0 * pair_sd / (pair_diffs.len() as f64).sqrt()
@@ -465,8 +529,10 @@ pub fn summarize(
         on,
         cpu_overhead_pct: round3(cpu_overhead),
         cpu_overhead_pct_pair_mean: round3(pair_mean),
+        cpu_overhead_pct_pair_median: round3(pair_median),
         cpu_overhead_pct_pair_stddev: round3(pair_sd),
         throughput_loss_pct: round3(throughput_loss),
+        profile_building_pct: round3(building_pct),
         off_noise_pct: round3(off_noise),
         target_pct: TARGET_PCT,
         verdict,
@@ -487,6 +553,7 @@ mod tests {
             cpu_seconds: [("order-gateway".to_string(), cpu)].into_iter().collect(),
             cpu_seconds_total: cpu,
             cpu_ms_per_1000_orders: cpu * 1e6 / orders,
+            profile_building_cpu_seconds: if profiling { 0.004 } else { 0.0 },
         }
     }
 
@@ -527,6 +594,11 @@ mod tests {
         );
         assert!(r.verdict.starts_with("within target"), "{}", r.verdict);
         assert_eq!(r.throughput_loss_pct, 0.0);
+        assert!(
+            (r.profile_building_pct - 0.4).abs() < 0.01,
+            "{}",
+            r.profile_building_pct
+        );
         let heavy = vec![w(0, false, 1000.0, 1.0), w(1, true, 1000.0, 1.10)];
         let r = summarize(
             &opts(),

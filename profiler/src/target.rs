@@ -55,11 +55,8 @@ impl Stack {
             let url = entry
                 .urls
                 .get("http")
-                .or_else(|| {
-                    entry
-                        .primary_url()
-                        .map(|_| &entry.urls[c.primary_port_name()])
-                })
+                .map(String::as_str)
+                .or_else(|| entry.primary_url())
                 .with_context(|| format!("{c} has no http URL in {}", state_file.display()))?;
             if !entry.status.is_active() {
                 tracing::warn!(service = %c, status = %entry.status, "service is not running");
@@ -105,6 +102,18 @@ impl Stack {
         path_and_query: &str,
         timeout: Duration,
     ) -> anyhow::Result<Vec<u8>> {
+        self.get_with_headers(service, path_and_query, timeout)
+            .await
+            .map(|(body, _)| body)
+    }
+
+    /// [`Stack::get`], with the answer's headers.
+    pub async fn get_with_headers(
+        &self,
+        service: &Service,
+        path_and_query: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<(Vec<u8>, reqwest::header::HeaderMap)> {
         let url = format!("{}{path_and_query}", service.url);
         let mut req = self.client.get(&url).timeout(timeout);
         if let Some(t) = &self.token {
@@ -115,12 +124,13 @@ impl Stack {
             .await
             .with_context(|| format!("GET {url} ({} unreachable?)", service.name))?;
         let status = resp.status();
+        let headers = resp.headers().clone();
         let body = resp
             .bytes()
             .await
             .with_context(|| format!("reading the answer of GET {url}"))?;
         if status.is_success() {
-            return Ok(body.to_vec());
+            return Ok((body.to_vec(), headers));
         }
         let text = String::from_utf8_lossy(&body).trim().to_string();
         let hint = match status.as_u16() {

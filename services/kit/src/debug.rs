@@ -8,11 +8,11 @@
 //! | `GET /debug/pprof/heap[?format=pprof\|svg\|collapsed]` | in-use heap (jemalloc) |
 //!
 //! **CPU** profiles come from pprof-rs: `setitimer(ITIMER_PROF)` sends SIGPROF per `1/hz` s of
-//! CPU the process burns, the handler walks the interrupted thread's stack by frame pointers
-//! (the workspace builds everything with `-C force-frame-pointers=yes`, release keeps line
-//! tables) and counts the stack. The walk starts at the interrupted context, so pprof-rs's own
-//! handler never appears in a stack; frames of pprof-rs, `backtrace` and the signal trampoline
-//! are still stripped by [`strip_profiler_frames`] in case an unwinder ever reports them.
+//! CPU the process burns, the handler unwinds the interrupted thread (libgcc's DWARF unwinder,
+//! which keeps the interrupted function; pprof-rs's `frame-pointer` unwinder drops it) and
+//! counts the stack. kit then symbolizes each distinct address once (release keeps line
+//! tables), cuts the profiler's own frames (the SIGPROF handler up to the signal trampoline),
+//! qualifies the bare names line tables carry ([`qualify`]) and builds the pprof `Profile`.
 //! The default answer is a gzipped pprof protobuf (`go tool pprof -top URL` opens it, fully
 //! symbolized: function names are in the profile); `svg` is an inferno flamegraph and
 //! `collapsed` the folded stacks (`thread;root;...;leaf count`), all three from one profile.
@@ -30,8 +30,8 @@
 //! `Authorization: Bearer <[debug] token>` (401 when it is missing or wrong, 403 when no token
 //! is configured, since then the endpoints are loopback-only). The peer address comes from
 //! `ConnectInfo<SocketAddr>`, which [`crate::http::serve`] provides; a request without it is
-//! treated as remote. Merge [`routes`] *after* [`crate::http::with_standard_layers`], so the
-//! request timeout does not cut a 30 s profile short.
+//! treated as remote. Services add the routes with [`with_debug_routes`] on their finished
+//! router (outside the request timeout, keeping their own 404 answer).
 //!
 //! [`stacks`], [`collapsed`], [`flamegraph_svg`], [`decode_pprof`] and [`encode_pprof`] work on
 //! any pprof `Profile`; the `profiler` tool uses them on the files it saves.
@@ -56,8 +56,9 @@ use std::time::Duration;
 pub use tikv_jemallocator::Jemalloc;
 
 /// jemalloc's start-up options for a service, NUL-terminated for C: heap profiling compiled in
-/// and active, one sample per 2^19 bytes (512 KiB) allocated on average, which keeps the cost
-/// negligible. A service exports a pointer to it as the `malloc_conf` symbol jemalloc reads.
+/// and active, one sample per 2^19 bytes (512 KiB) allocated on average (measured: 1-2 % of the
+/// CPU of the gateway under load, see docs/profiling.md). A service exports a pointer to it as
+/// the `malloc_conf` symbol jemalloc reads.
 pub const MALLOC_CONF: &[u8] = b"prof:true,prof_active:true,lg_prof_sample:19\0";
 
 /// Default and largest `seconds` of a CPU profile.
@@ -157,8 +158,7 @@ struct DebugState {
     token: Option<Arc<str>>,
 }
 
-/// The `/debug/pprof` routes of `service`, guarded by [`decide`]. Merge them after
-/// [`crate::http::with_standard_layers`] so that the request timeout does not apply.
+/// The `/debug/pprof` routes of `service`, guarded by [`decide`]; see [`with_debug_routes`].
 pub fn routes(service: &'static str, config: &DebugConfig) -> Router {
     let state = DebugState {
         service,
@@ -172,6 +172,15 @@ pub fn routes(service: &'static str, config: &DebugConfig) -> Router {
         .route("/debug/pprof/heap", get(heap))
         .route_layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
+}
+
+/// `app` plus the `/debug/pprof` routes of `service`. Call it on the finished application
+/// (after [`crate::http::with_standard_layers`] and any other layer), so that the request
+/// timeout does not cut a 30 s profile short. The application is merged *into* the debug
+/// router: axum keeps the fallback of the router merged in, so the application's own (layered)
+/// 404 answer stays what it was.
+pub fn with_debug_routes(app: Router, service: &'static str, config: &DebugConfig) -> Router {
+    routes(service, config).merge(app)
 }
 
 /// What the guard decided about one request.
@@ -382,7 +391,9 @@ async fn serve_cpu(service: &'static str, req: CpuRequest) -> Result<Response, P
         capped = req.capped,
         "CPU profile started"
     );
-    let profile = cpu_profile(Duration::from_secs(req.seconds), req.hz).await?;
+    let (profile, mut spent) =
+        cpu_profile_measured(Duration::from_secs(req.seconds), req.hz).await?;
+    let encode_started = thread_cpu_time();
     let samples: i64 = profile.sample.iter().filter_map(|s| s.value.first()).sum();
     tracing::info!(samples, "CPU profile done");
     let title = format!(
@@ -390,6 +401,15 @@ async fn serve_cpu(service: &'static str, req: CpuRequest) -> Result<Response, P
         req.seconds, req.hz
     );
     let mut resp = render(&profile, req.format, &title, "samples", service, "cpu")?;
+    if let (Some(a), Some(b)) = (encode_started, thread_cpu_time()) {
+        spent += b.saturating_sub(a);
+    }
+    // What building and encoding this profile cost the process (the benchmark adds it up).
+    resp.headers_mut().insert(
+        "x-profile-cpu-ms",
+        HeaderValue::from_str(&format!("{:.3}", spent.as_secs_f64() * 1e3))
+            .unwrap_or_else(|_| HeaderValue::from_static("0")),
+    );
     resp.headers_mut()
         .insert("x-profile-seconds", HeaderValue::from(req.seconds));
     if req.capped {
@@ -496,6 +516,23 @@ impl Drop for CpuSlot {
 /// [`ProfileError::Busy`] while another profile runs. Dropping the future stops the profile
 /// early (the client went away).
 pub async fn cpu_profile(duration: Duration, hz: u32) -> Result<Profile, ProfileError> {
+    cpu_profile_measured(duration, hz).await.map(|(p, _)| p)
+}
+
+/// CPU time the calling thread has used so far, from `/proc/thread-self/schedstat` (in
+/// nanoseconds; it may lag by up to a scheduler tick for a running thread). `None` off Linux.
+pub fn thread_cpu_time() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
+/// [`cpu_profile`], plus the CPU time spent turning the samples into the profile (copying them
+/// out and symbolizing): the part of profiling's cost that is not in the signal handler.
+pub async fn cpu_profile_measured(
+    duration: Duration,
+    hz: u32,
+) -> Result<(Profile, Duration), ProfileError> {
     let slot = CpuSlot::acquire()?;
     let hz = i32::try_from(hz.clamp(1, MAX_HZ)).unwrap_or(DEFAULT_HZ as i32);
     // The blocking thread waits on this channel: a timeout means the profile is complete; a
@@ -509,44 +546,256 @@ pub async fn cpu_profile(duration: Duration, hz: u32) -> Result<Profile, Profile
         if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = wait.recv_timeout(duration) {
             return Err(ProfileError::Cancelled);
         }
-        // Symbolization happens inside `build`, under the profiler's lock: samples that arrive
-        // meanwhile are dropped, so the report does not profile its own making.
-        let report = guard
-            .report()
-            .frames_post_processor(strip_profiler_frames)
-            .build()?;
+        // The raw stacks (addresses) are copied out under the profiler's lock — samples that
+        // arrive meanwhile are dropped — and symbolized after the profiler stopped, so the
+        // report does not profile its own making.
+        let started = thread_cpu_time();
+        let raw = guard.report().build_unresolved()?;
         drop(guard);
-        Ok(report.pprof()?)
+        let profile = build_profile(&raw, hz);
+        let spent = match (started, thread_cpu_time()) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => Duration::ZERO,
+        };
+        Ok((profile, spent))
     });
     task.await
         .map_err(|e| ProfileError::Failed(format!("profiling task: {e}")))?
 }
 
-/// Removes the profiler's own frames from the leaf end of a stack, and the `::h0123...` hash
-/// suffix from every symbol name. The unwinder starts inside the SIGPROF handler: pprof-rs and
-/// `backtrace` frames, then the signal trampoline (`__restore_rt`), then the interrupted
-/// function; everything up to the trampoline goes.
-pub fn strip_profiler_frames(frames: &mut pprof::Frames) {
-    let names: Vec<Vec<String>> = frames
-        .frames
+/// One function at an address: demangled and qualified name, source file, line.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CodeLine {
+    name: String,
+    file: String,
+    line: u32,
+}
+
+/// The code at `frame`'s address, innermost inlined function first (empty if unknown).
+fn resolve(frame: &backtrace::Frame) -> Vec<CodeLine> {
+    let mut out = Vec::new();
+    backtrace::resolve_frame(frame, |sym| {
+        let file = sym
+            .filename()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Some(name) = sym.name().map(|n| format!("{n:#}")) else {
+            return;
+        };
+        let name = strip_hash(&name);
+        let name = qualify(name, &file).unwrap_or_else(|| name.to_string());
+        out.push(CodeLine {
+            name,
+            file,
+            line: sym.lineno().unwrap_or(0),
+        });
+    });
+    out
+}
+
+/// How many frames at the leaf end of a stack belong to the profiler: the unwinder starts
+/// inside the SIGPROF handler (pprof-rs and `backtrace` frames), then comes the signal
+/// trampoline (`__restore_rt`, unresolved when libc has no symbol for it), then the interrupted
+/// function.
+fn profiler_frames(stack: &[&[CodeLine]]) -> usize {
+    if let Some(i) = stack
         .iter()
-        .map(|f| f.iter().map(|s| s.name()).collect())
-        .collect();
-    let own = |f: &Vec<String>| {
-        f.iter()
-            .any(|n| PROFILER_FRAME_PREFIXES.iter().any(|p| n.starts_with(p)))
-    };
-    let cut = names
-        .iter()
-        .position(|f| f.iter().any(|n| n == SIGNAL_TRAMPOLINE))
-        .map(|i| i + 1)
-        .unwrap_or_else(|| names.iter().take_while(|f| own(f)).count());
-    frames.frames.drain(..cut);
-    for symbol in frames.frames.iter_mut().flatten() {
-        // Store the demangled name without its hash: it is what every output shows.
-        let name = symbol.name();
-        symbol.name = Some(strip_hash(&name).as_bytes().to_vec());
+        .position(|f| f.iter().any(|l| l.name == SIGNAL_TRAMPOLINE))
+    {
+        return i + 1;
     }
+    let own = |f: &&&[CodeLine]| {
+        f.iter().any(|l| {
+            PROFILER_FRAME_PREFIXES
+                .iter()
+                .any(|p| l.name.starts_with(p))
+        })
+    };
+    let mut cut = stack.iter().take_while(own).count();
+    if cut > 0 && stack.get(cut).is_some_and(|f| f.is_empty()) {
+        cut += 1; // the nameless trampoline
+    }
+    cut
+}
+
+/// Symbolized addresses, kept across profiles (bounded by [`RESOLVED_MAX`]).
+static RESOLVED: std::sync::Mutex<Option<HashMap<usize, Vec<CodeLine>>>> =
+    std::sync::Mutex::new(None);
+
+/// Most addresses kept in [`RESOLVED`] (a few hundred bytes each); beyond it the cache starts
+/// over.
+const RESOLVED_MAX: usize = 200_000;
+
+/// Builds the pprof `Profile` of `raw`: one location per address (with its inlined functions),
+/// one function per name and file, samples valued `samples/count` and `cpu/nanoseconds`,
+/// labelled with their thread. Each address is symbolized once, however many stacks share it.
+fn build_profile(raw: &pprof::UnresolvedReport, hz: i32) -> Profile {
+    use pprof::protos::{Function, Label, Line, Location, Sample, ValueType};
+    let mut strings: Vec<String> = vec![String::new()];
+    let mut string_ids: HashMap<String, i64> = HashMap::new();
+    let mut intern = |s: &str| -> i64 {
+        if let Some(i) = string_ids.get(s) {
+            return *i;
+        }
+        let i = strings.len() as i64;
+        strings.push(s.to_string());
+        string_ids.insert(s.to_string(), i);
+        i
+    };
+    // Addresses resolved by earlier profiles are reused: continuous profiling sees mostly the
+    // same code, so after the first profile only new addresses cost a lookup.
+    let mut cache = RESOLVED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let resolved = cache.get_or_insert_with(HashMap::new);
+    if resolved.len() > RESOLVED_MAX {
+        resolved.clear();
+    }
+    let mut functions: Vec<Function> = Vec::new();
+    let mut function_ids: HashMap<(String, String), u64> = HashMap::new();
+    let mut locations: Vec<Location> = Vec::new();
+    let mut location_ids: HashMap<usize, u64> = HashMap::new();
+    let period = 1_000_000_000 / i64::from(hz.max(1));
+    let thread_key = intern("thread");
+    let mut samples = Vec::new();
+    for (frames, count) in &raw.data {
+        // An address of 0 ends some unwinds: not a frame.
+        let kept: Vec<&backtrace::Frame> =
+            frames.frames.iter().filter(|f| !f.ip().is_null()).collect();
+        let ips: Vec<usize> = kept.iter().map(|f| f.ip() as usize).collect();
+        for (f, ip) in kept.iter().zip(&ips) {
+            resolved.entry(*ip).or_insert_with(|| resolve(f));
+        }
+        let chain: Vec<&[CodeLine]> = ips.iter().map(|ip| resolved[ip].as_slice()).collect();
+        let skip = profiler_frames(&chain);
+        let mut location_id = Vec::with_capacity(ips.len() - skip);
+        for ip in &ips[skip..] {
+            let id = match location_ids.get(ip) {
+                Some(id) => *id,
+                None => {
+                    let id = locations.len() as u64 + 1;
+                    let mut lines = Vec::new();
+                    for l in &resolved[ip] {
+                        let key = (l.name.clone(), l.file.clone());
+                        let function_id = match function_ids.get(&key) {
+                            Some(f) => *f,
+                            None => {
+                                let f = functions.len() as u64 + 1;
+                                functions.push(Function {
+                                    id: f,
+                                    name: intern(&l.name),
+                                    system_name: intern(&l.name),
+                                    filename: intern(&l.file),
+                                    ..Function::default()
+                                });
+                                function_ids.insert(key, f);
+                                f
+                            }
+                        };
+                        lines.push(Line {
+                            function_id,
+                            line: i64::from(l.line),
+                        });
+                    }
+                    locations.push(Location {
+                        id,
+                        address: *ip as u64,
+                        line: lines,
+                        ..Location::default()
+                    });
+                    location_ids.insert(*ip, id);
+                    id
+                }
+            };
+            location_id.push(id);
+        }
+        if location_id.is_empty() {
+            continue;
+        }
+        let thread =
+            String::from_utf8_lossy(&frames.thread_name[..frames.thread_name_length]).into_owned();
+        let thread = if thread.is_empty() {
+            frames.thread_id.to_string()
+        } else {
+            thread
+        };
+        let count = *count as i64;
+        samples.push(Sample {
+            location_id,
+            value: vec![count, count * period],
+            label: vec![Label {
+                key: thread_key,
+                str: intern(&thread),
+                ..Label::default()
+            }],
+        });
+    }
+    let samples_ty = ValueType {
+        ty: intern("samples"),
+        unit: intern("count"),
+    };
+    let cpu_ty = ValueType {
+        ty: intern("cpu"),
+        unit: intern("nanoseconds"),
+    };
+    Profile {
+        sample_type: vec![samples_ty, cpu_ty.clone()],
+        sample: samples,
+        location: locations,
+        function: functions,
+        time_nanos: raw
+            .timing
+            .start_time
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64),
+        duration_nanos: raw.timing.duration.as_nanos() as i64,
+        period_type: Some(cpu_ty),
+        period,
+        string_table: strings,
+        ..Profile::default()
+    }
+}
+
+/// Qualifies a bare Rust function name with the module its source file implies:
+/// `parse_headers<hyper::proto::h1::role::Server>` in
+/// `.../hyper-1.7.0/src/proto/h1/role.rs` becomes
+/// `hyper::proto::h1::role::parse_headers<hyper::proto::h1::role::Server>`.
+///
+/// Release builds keep only line tables (`debug = "line-tables-only"`), whose function entries
+/// carry bare names; without this, every `{async_fn#0}` of every crate would be one function and
+/// the categories could not tell hyper's `poll` from tokio's. `None` when the name is already
+/// qualified or the file is not a crate's `src/*.rs` (C code, generated files).
+pub fn qualify(name: &str, file: &str) -> Option<String> {
+    let head = name.split('<').next().unwrap_or(name);
+    if name.starts_with('<') || (head.contains("::") && !head.starts_with("::")) {
+        return None;
+    }
+    let (dir, rest) = file.rsplit_once("/src/")?;
+    let rest = rest.strip_suffix(".rs")?;
+    let krate = dir.rsplit('/').next().filter(|c| !c.is_empty())?;
+    // `hyper-1.7.0` -> `hyper`; `order-gateway` -> `order_gateway`.
+    let krate = match krate.rsplit_once('-') {
+        Some((n, v)) if v.starts_with(|c: char| c.is_ascii_digit()) => n,
+        _ => krate,
+    }
+    .replace('-', "_");
+    let mut path = vec![krate];
+    let segments: Vec<&str> = rest.split('/').collect();
+    for (i, seg) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        if last && (*seg == "mod" || (i == 0 && (*seg == "lib" || *seg == "main"))) {
+            continue;
+        }
+        if seg.is_empty() || !seg.chars().all(|c| c.is_alphanumeric() || c == '_') {
+            return None;
+        }
+        path.push((*seg).to_string());
+    }
+    Some(format!(
+        "{}::{}",
+        path.join("::"),
+        name.trim_start_matches("::")
+    ))
 }
 
 /// `foo::bar::h0123456789abcdef` -> `foo::bar`.
@@ -599,20 +848,100 @@ pub async fn heap_profile() -> Result<Profile, ProfileError> {
         .map_err(|e| ProfileError::Failed(format!("heap dump task: {e}")))?
         .map_err(|e| ProfileError::Failed(format!("jemalloc heap dump: {e:#}")))?;
     let mut profile = decode_pprof(&bytes).map_err(ProfileError::Failed)?;
+    // The profile is symbolized: without mappings, `go tool pprof` shows these names instead of
+    // re-symbolizing from the local binary's line tables (bare names, see `qualify`).
+    profile.mapping.clear();
+    for l in &mut profile.location {
+        l.mapping_id = 0;
+    }
     for f in &mut profile.function {
-        // Names from jemalloc_pprof are demangled already; hashes may remain.
-        let name = profile
-            .string_table
-            .get(f.name as usize)
-            .cloned()
-            .unwrap_or_default();
+        // Names from jemalloc_pprof are demangled already; hashes may remain, and names from
+        // line tables are bare (see `qualify`).
+        let get = |i: i64| profile.string_table.get(i as usize).cloned();
+        let name = get(f.name).unwrap_or_default();
         let clean = strip_hash(&name);
-        if clean.len() != name.len() {
+        let qualified = get(f.filename).and_then(|file| qualify(clean, &file));
+        let shown = qualified.as_deref().unwrap_or(clean);
+        if shown != name {
             f.name = profile.string_table.len() as i64;
-            profile.string_table.push(clean.to_string());
+            profile.string_table.push(shown.to_string());
         }
     }
+    strip_allocator_frames(&mut profile);
     Ok(profile)
+}
+
+/// Whether a heap-profile frame belongs to the allocator (jemalloc, its profiler, the Rust
+/// allocator shims) rather than to the code that allocated.
+fn is_allocator_frame(name: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "malloc",
+        "calloc",
+        "realloc",
+        "free",
+        "posix_memalign",
+        "aligned_alloc",
+        "memalign",
+        "valloc",
+        "mallocx",
+        "rallocx",
+        "xallocx",
+        "sdallocx",
+        "do_rallocx",
+    ];
+    const PREFIXES: &[&str] = &[
+        "prof_",
+        "_rjem_",
+        "je_",
+        "imalloc",
+        "ialloc",
+        "irealloc",
+        "iralloc",
+        "__rust_alloc",
+        "__rust_realloc",
+        "__rdl_",
+        "__rg_",
+        "tikv_jemallocator::",
+        "<tikv_jemallocator::",
+    ];
+    EXACT.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// Drops the allocator's frames from the leaf end of every heap sample (jemalloc records the
+/// stack from inside itself), so that the leaf is the code that allocated.
+fn strip_allocator_frames(profile: &mut Profile) {
+    let names: HashMap<u64, bool> = profile
+        .function
+        .iter()
+        .map(|f| {
+            let n = profile
+                .string_table
+                .get(f.name as usize)
+                .map(String::as_str)
+                .unwrap_or("");
+            (f.id, is_allocator_frame(n))
+        })
+        .collect();
+    let allocator_location: HashMap<u64, bool> = profile
+        .location
+        .iter()
+        .map(|l| {
+            let all = !l.line.is_empty()
+                && l.line
+                    .iter()
+                    .all(|line| names.get(&line.function_id).copied().unwrap_or(false));
+            (l.id, all)
+        })
+        .collect();
+    for sample in &mut profile.sample {
+        let skip = sample
+            .location_id
+            .iter()
+            .take_while(|id| allocator_location.get(id).copied().unwrap_or(false))
+            .count()
+            .min(sample.location_id.len().saturating_sub(1));
+        sample.location_id.drain(..skip);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -979,6 +1308,59 @@ mod tests {
     }
 
     #[test]
+    fn bare_names_are_qualified_from_their_file() {
+        let reg = "/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f";
+        let table: &[(&str, &str, Option<&str>)] = &[
+            (
+                "parse_headers<hyper::proto::h1::role::Server>",
+                &format!("{reg}/hyper-1.7.0/src/proto/h1/role.rs"),
+                Some("hyper::proto::h1::role::parse_headers<hyper::proto::h1::role::Server>"),
+            ),
+            (
+                "schedule",
+                &format!("{reg}/tokio-1.54.1/src/runtime/scheduler/multi_thread/handle.rs"),
+                Some("tokio::runtime::scheduler::multi_thread::handle::schedule"),
+            ),
+            (
+                "{async_fn#0}",
+                "/work/main/services/order-gateway/src/upstream.rs",
+                Some("order_gateway::upstream::{async_fn#0}"),
+            ),
+            (
+                "is_none",
+                "/rustc/59807616e1fa/library/core/src/option.rs",
+                Some("core::option::is_none"),
+            ),
+            (
+                "fmt",
+                "/rustc/x/library/core/src/fmt/mod.rs",
+                Some("core::fmt::fmt"),
+            ),
+            (
+                "::fmt",
+                "/rustc/x/library/core/src/macros/mod.rs",
+                Some("core::macros::fmt"),
+            ),
+            ("run", "/work/main/loadgen/src/lib.rs", Some("loadgen::run")),
+            (
+                "serde_json::de::from_slice",
+                "/x/serde_json-1.0.1/src/de.rs",
+                None,
+            ),
+            ("<hyper::Foo as Bar>::poll", "/x/hyper-1.7.0/src/a.rs", None),
+            ("__GI___writev", "sysdeps/unix/sysv/linux/writev.c", None),
+            (
+                "build",
+                "/work/main/target/release/build/x-1/out/gen.rs",
+                None,
+            ),
+        ];
+        for (name, file, want) in table {
+            assert_eq!(qualify(name, file).as_deref(), *want, "{name} in {file}");
+        }
+    }
+
+    #[test]
     fn hashes_are_stripped() {
         assert_eq!(strip_hash("a::b::h0123456789abcdef"), "a::b");
         assert_eq!(strip_hash("a::b::hello"), "a::b::hello");
@@ -1053,6 +1435,12 @@ mod tests {
                 .expect("infallible");
             assert_eq!(resp.status(), StatusCode::OK, "{path}");
             assert_eq!(content_type(&resp), want, "{path}");
+            let cost: f64 = resp
+                .headers()
+                .get("x-profile-cpu-ms")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .expect("x-profile-cpu-ms");
+            assert!(cost >= 0.0, "{cost}");
             let bytes = body(resp).await;
             match want {
                 "application/octet-stream" => {
@@ -1174,6 +1562,15 @@ mod tests {
                     held_bytes > 32 << 20,
                     "~64 MiB attributed to the holder, got {held_bytes}:\n{folded}"
                 );
+                assert!(
+                    p.mapping.is_empty(),
+                    "symbolized: no mappings to re-symbolize"
+                );
+                let allocator_leaf = stacks(&p, 0)
+                    .into_iter()
+                    .filter_map(|s| s.frames.last().cloned())
+                    .find(|leaf| leaf.starts_with("prof_") || leaf.starts_with("_rjem_"));
+                assert_eq!(allocator_leaf, None, "jemalloc's own frames are stripped");
             }
         }
         drop(held);
@@ -1225,6 +1622,63 @@ mod tests {
         );
         assert!(out.status.success(), "{text}");
         assert!(text.contains("kit_debug_test_burn"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn the_application_keeps_its_404_and_escapes_the_timeout() {
+        // An application whose layers turn the router's bare 404 into its own answer and time
+        // requests out after 50 ms.
+        let app = Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    "late"
+                }),
+            )
+            .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                StatusCode::REQUEST_TIMEOUT,
+                Duration::from_millis(50),
+            ))
+            .layer(middleware::map_response(|r: Response| async move {
+                if r.status() == StatusCode::NOT_FOUND {
+                    (StatusCode::NOT_FOUND, "the app's own 404").into_response()
+                } else {
+                    r
+                }
+            }));
+        let app = with_debug_routes(app, "test-service", &DebugConfig::default());
+        let resp = app
+            .clone()
+            .oneshot(request("/nothing", Some(LOOPBACK), None))
+            .await
+            .expect("infallible");
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        assert_eq!(body(resp).await, b"the app's own 404");
+        let resp = app
+            .clone()
+            .oneshot(request("/slow", Some(LOOPBACK), None))
+            .await
+            .expect("infallible");
+        assert_eq!(
+            resp.status(),
+            StatusCode::REQUEST_TIMEOUT,
+            "the app's layers still apply"
+        );
+        let _turn = PROFILE_LOCK.lock().await;
+        let resp = app
+            .oneshot(request(
+                "/debug/pprof/profile?seconds=1&format=collapsed",
+                Some(LOOPBACK),
+                None,
+            ))
+            .await
+            .expect("infallible");
+        assert_eq!(
+            resp.status(),
+            StatusCode::OK,
+            "a profile longer than the app's timeout"
+        );
     }
 
     #[tokio::test]

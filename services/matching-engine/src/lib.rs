@@ -109,9 +109,9 @@ pub async fn run(
     let app = kit::http::with_standard_layers(
         api::routes(matcher).merge(kit::http::admin_routes(metrics, readiness)),
         &config.http,
-    )
-    // After the layers: a 30 s profile must not meet the request timeout.
-    .merge(kit::debug::routes("matching-engine", &config.debug));
+    );
+    // Outside the layers: a 30 s profile must not meet the request timeout.
+    let app = kit::debug::with_debug_routes(app, "matching-engine", &config.debug);
     kit::http::serve(listener, app, shutdown.clone())
         .await
         .map_err(io("serving HTTP"))?;

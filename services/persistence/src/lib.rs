@@ -47,12 +47,12 @@ pub fn app(
     readiness: Readiness,
     config: &Config,
 ) -> Router {
-    kit::http::with_standard_layers(
+    let app = kit::http::with_standard_layers(
         api::routes(state).merge(kit::http::admin_routes(metrics, readiness)),
         &config.http,
-    )
-    // After the layers: a 30 s profile must not meet the request timeout.
-    .merge(kit::debug::routes(SERVICE, &config.debug))
+    );
+    // Outside the layers: a 30 s profile must not meet the request timeout.
+    kit::debug::with_debug_routes(app, SERVICE, &config.debug)
 }
 
 /// Runs the service on an already-bound `listener` until `shutdown` triggers: serves HTTP,
