@@ -71,7 +71,7 @@ chaos-cleanup: ## revert whatever an interrupted chaos run left behind (iptables
 
 PROFILER = $(CARGO) build --release -q -p profiler && target/release/profiler
 PROFILE_FLAGS ?=
-.PHONY: profile-cpu profile-all profile-view profile-analyze bench-profiling-overhead
+.PHONY: profile-cpu profile-all profile-view profile-analyze bench-profiling-overhead bench-probes-overhead probes
 
 profile-cpu: ## 30 s CPU profile of every service under the demo load -> profiles/<time>/<service>.svg, .pb.gz
 	$(PROFILER) cpu $(PROFILE_FLAGS)
@@ -87,6 +87,12 @@ profile-analyze: ## CPU share by category, top functions, suggestions (categorie
 
 bench-profiling-overhead: ## CPU per 1,000 orders and throughput, 99 Hz profiling on vs off -> target/bench/profiling-overhead.json
 	$(PROFILER) overhead $(PROFILE_FLAGS)
+
+bench-probes-overhead: ## CPU per 1,000 orders and throughput, eBPF agent on vs off, plus each program's kernel run time (root) -> target/bench/probes-overhead.json
+	$(PROFILER) overhead --subject probes $(PROFILE_FLAGS)
+
+probes: ## what eBPF this host offers (probes check), then start the lab's eBPF agent (root) and print where its metrics are
+	$(CARGO) build --release -q -p probes -p lab && target/release/probes check && target/release/lab start probes && target/release/lab where
 
 bench-e2e: ## whole-pipeline throughput (p99 < 20 ms) and latency vs RabbitMQ/PostgreSQL ceilings -> target/bench/e2e.json
 	$(CARGO) build --release --workspace --bins && target/release/bench-e2e

@@ -11,6 +11,7 @@
 //! * [`view`]: `index.html` of a profiles folder, opened or served.
 //! * [`overhead`]: the cost of continuous profiling at 99 Hz, on vs off.
 
+pub mod agent;
 pub mod analyze;
 pub mod capture;
 pub mod overhead;

@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use profiler::analyze::{self, Rules};
 use profiler::capture::{self, CaptureOptions};
-use profiler::overhead::{self, OverheadOptions};
+use profiler::overhead::{self, OverheadOptions, Subject};
 use profiler::target::{SERVICES, Stack};
 use profiler::view;
 use std::path::PathBuf;
@@ -87,6 +87,10 @@ struct AnalyzeArgs {
 
 #[derive(clap::Args)]
 struct OverheadArgs {
+    /// What the "on" windows switch on: `profiling` (every service profiled at --hz) or
+    /// `probes` (the lab's eBPF agent runs; needs root; target 0.5 %).
+    #[arg(long, value_enum, default_value_t = SubjectArg::Profiling)]
+    subject: SubjectArg,
     #[arg(long, default_value = ".lab/state.json")]
     state: PathBuf,
     /// Fixed load in orders per second.
@@ -102,11 +106,17 @@ struct OverheadArgs {
     hz: u32,
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     warmup: Duration,
-    /// Where to write the JSON report.
-    #[arg(long, default_value = "target/bench/profiling-overhead.json")]
-    json: PathBuf,
+    /// Where to write the JSON report [default: target/bench/<subject>-overhead.json].
+    #[arg(long)]
+    json: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SubjectArg {
+    Profiling,
+    Probes,
 }
 
 #[tokio::main]
@@ -266,25 +276,37 @@ async fn view_cmd(a: ViewArgs) -> anyhow::Result<()> {
 
 async fn overhead_cmd(a: OverheadArgs) -> anyhow::Result<()> {
     let stack = Stack::from_state(&a.state, &SERVICES)?;
+    let subject = match a.subject {
+        SubjectArg::Profiling => Subject::Profiling,
+        SubjectArg::Probes => Subject::ProbesAgent,
+    };
     let opts = OverheadOptions {
+        subject,
         rate: a.rate,
         window: a.window,
         pairs: a.pairs,
         hz: a.hz,
         warmup: a.warmup,
-        json: a.json,
+        json: a
+            .json
+            .unwrap_or_else(|| format!("target/bench/{}-overhead.json", subject.name()).into()),
         seed: a.seed,
     };
     eprintln!(
-        "profiling overhead: {} orders/s, {} pairs of {} s windows, {} Hz",
+        "{} overhead: {} orders/s, {} pairs of {} s windows{}",
+        subject.name(),
         opts.rate,
         opts.pairs,
         opts.window.as_secs(),
-        opts.hz
+        if subject == Subject::Profiling {
+            format!(", {} Hz", opts.hz)
+        } else {
+            String::new()
+        }
     );
     let r = overhead::run(&stack, &opts).await?;
     println!(
-        "off: {:.1} orders/s, {:.1} CPU-ms per 1,000 orders\non:  {:.1} orders/s, {:.1} CPU-ms per 1,000 orders\nCPU overhead {:+.2} % (pairs: mean {:+.2} %, median {:+.2} %, sd {:.2} %; off-window noise {:.2} %), throughput loss {:.2} %\nmeasured inside the services: building the profiles costs {:.2} % of their CPU\n{}\nJSON: {}",
+        "off: {:.1} orders/s, {:.1} CPU-ms per 1,000 orders\non:  {:.1} orders/s, {:.1} CPU-ms per 1,000 orders\nCPU overhead {:+.2} % (pairs: mean {:+.2} %, median {:+.2} %, sd {:.2} %; off-window noise {:.2} %), throughput loss {:.2} %",
         r.off.throughput_per_sec,
         r.off.cpu_ms_per_1000_orders,
         r.on.throughput_per_sec,
@@ -295,9 +317,22 @@ async fn overhead_cmd(a: OverheadArgs) -> anyhow::Result<()> {
         r.cpu_overhead_pct_pair_stddev,
         r.off_noise_pct,
         r.throughput_loss_pct,
-        r.profile_building_pct,
-        r.verdict,
-        opts.json.display()
     );
+    match subject {
+        Subject::Profiling => println!(
+            "measured inside the services: building the profiles costs {:.2} % of their CPU",
+            r.profile_building_pct
+        ),
+        Subject::ProbesAgent => {
+            println!(
+                "measured directly: the agent's own CPU {:.3} %, the eBPF programs' kernel run time {:.3} % of the services' CPU ({:.3} % of one CPU)",
+                r.agent_cpu_pct, r.ebpf_run_pct, r.ebpf_run_cpu_share_pct
+            );
+            for (p, ms) in &r.ebpf_run_ms_per_sec_by_program {
+                println!("  {p:<28} {ms:>8.3} ms per second");
+            }
+        }
+    }
+    println!("{}\nJSON: {}", r.verdict, opts.json.display());
     Ok(())
 }

@@ -11,6 +11,12 @@
 //! The overhead is the relative increase of CPU per 1,000 orders (and the relative loss of
 //! throughput) from off to on; the target is at most 1 %. The report gives the spread of the
 //! per-pair differences so that a number below the machine's noise is read as such.
+//!
+//! The same machinery measures the eBPF agent (`make bench-probes-overhead`,
+//! [`Subject::ProbesAgent`]): in "on" windows the lab's `probes` agent runs, in "off" windows
+//! it is stopped (through the lab's control socket, between windows). Its own CPU is added to
+//! the services' CPU, and each eBPF program's kernel run time (`kernel.bpf_stats_enabled`,
+//! switched on for the run and restored after) is reported as measured directly. Target 0.5 %.
 
 use crate::target::{Service, Stack};
 use anyhow::Context as _;
@@ -18,9 +24,43 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// What the "on" windows switch on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    /// Every service is CPU-profiled at `hz`.
+    Profiling,
+    /// The lab's eBPF agent (`probes`) runs.
+    ProbesAgent,
+}
+
+impl Subject {
+    /// The target: at most this much more CPU per order.
+    pub fn target_pct(self) -> f64 {
+        match self {
+            Subject::Profiling => TARGET_PCT,
+            Subject::ProbesAgent => PROBES_TARGET_PCT,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Subject::Profiling => "profiling",
+            Subject::ProbesAgent => "probes",
+        }
+    }
+
+    fn describe(self, hz: u32) -> String {
+        match self {
+            Subject::Profiling => format!("with profiling at {hz} Hz"),
+            Subject::ProbesAgent => "with the eBPF agent running".into(),
+        }
+    }
+}
+
 /// Options of the benchmark.
 #[derive(Debug, Clone)]
 pub struct OverheadOptions {
+    pub subject: Subject,
     pub rate: f64,
     pub window: Duration,
     /// Number of (off, on) pairs.
@@ -35,6 +75,9 @@ pub struct OverheadOptions {
 
 /// The target: continuous profiling costs at most this much CPU per order.
 pub const TARGET_PCT: f64 = 1.0;
+
+/// The target of the eBPF agent (Grafana Beyla publishes 0.5 % in its default mode).
+pub const PROBES_TARGET_PCT: f64 = 0.5;
 
 /// One measured window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +95,9 @@ pub struct Window {
     /// encoding): measured directly, so free of the host's noise. Zero in "off" windows.
     #[serde(default)]
     pub profile_building_cpu_seconds: f64,
+    /// Kernel run time of each eBPF program during this window (probes subject, "on" windows).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ebpf_run_seconds: std::collections::BTreeMap<String, f64>,
 }
 
 /// Means over the windows of one side.
@@ -68,6 +114,9 @@ pub struct Side {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub schema: String,
+    /// `profiling` or `probes`: what the "on" windows switched on.
+    #[serde(default)]
+    pub subject: String,
     pub rate_per_sec: f64,
     pub window_s: f64,
     pub pairs: usize,
@@ -96,12 +145,27 @@ pub struct Report {
     /// Relative spread (stddev / mean, percent) of CPU per 1,000 orders across "off" windows:
     /// the noise floor of this measurement on this machine.
     pub off_noise_pct: f64,
+    /// Probes subject: the agent's own CPU in an "on" window relative to the services' CPU in
+    /// an "off" window, in percent (already part of `cpu_overhead_pct`).
+    #[serde(default)]
+    pub agent_cpu_pct: f64,
+    /// Probes subject: the eBPF programs' kernel run time per "on" window, relative to the
+    /// services' CPU in an "off" window, in percent (measured by the kernel; it is charged to
+    /// whichever task hit the tracepoint, so part of it is in the services' CPU already).
+    #[serde(default)]
+    pub ebpf_run_pct: f64,
+    /// Probes subject: the same run time as a share of one CPU, in percent.
+    #[serde(default)]
+    pub ebpf_run_cpu_share_pct: f64,
+    /// Probes subject: mean kernel run time of each program, milliseconds per second of window.
+    #[serde(default)]
+    pub ebpf_run_ms_per_sec_by_program: std::collections::BTreeMap<String, f64>,
     pub target_pct: f64,
     pub verdict: String,
 }
 
 /// CPU seconds so far of one service.
-fn cpu_seconds_proc(pid: i32) -> Option<f64> {
+pub fn cpu_seconds_proc(pid: i32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -272,9 +336,22 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
         opts.warmup.as_secs(),
         opts.rate
     );
-    let warm_profile = Duration::from_secs(2).min(opts.warmup);
-    profile_all(stack, warm_profile.as_secs().max(1), opts.hz).await?;
-    tokio::time::sleep(opts.warmup.saturating_sub(warm_profile)).await;
+    // The probes subject: the agent, with the kernel's run-time statistics on for the run.
+    let probes = match opts.subject {
+        Subject::ProbesAgent => {
+            let agent = crate::agent::Agent::from_state(&stack.state_file)?;
+            let was_running = agent.running()?;
+            let stats = crate::agent::BpfStats::enable()?;
+            Some((agent, was_running, stats))
+        }
+        Subject::Profiling => None,
+    };
+    let mut warm = Duration::ZERO;
+    if opts.subject == Subject::Profiling {
+        warm = Duration::from_secs(2).min(opts.warmup);
+        profile_all(stack, warm.as_secs().max(1), opts.hz).await?;
+    }
+    tokio::time::sleep(opts.warmup.saturating_sub(warm)).await;
 
     let mut windows = Vec::new();
     let result: anyhow::Result<()> = async {
@@ -286,9 +363,16 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
                 [true, false]
             };
             for profiling in order {
+                // Switching the agent happens between windows: its start-up (loading and
+                // verifying the programs) is not charged to the steady state measured here.
+                let mut agent_before = crate::agent::AgentReading::default();
+                if let Some((agent, _, _)) = &probes {
+                    agent.set(profiling).await?;
+                    agent_before = agent.read().await?;
+                }
                 let before = read_counters(stack, use_proc).await?;
                 let mut building = 0.0;
-                if profiling {
+                if profiling && opts.subject == Subject::Profiling {
                     building = profile_all(stack, window_s, opts.hz).await?;
                 } else {
                     tokio::time::sleep(Duration::from_secs(window_s)).await;
@@ -296,6 +380,10 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
                 let after = read_counters(stack, use_proc).await?;
                 let mut w = window(windows.len(), profiling, stack, &before, &after, opts.rate);
                 w.profile_building_cpu_seconds = building;
+                if let Some((agent, _, _)) = &probes {
+                    let agent_after = agent.read().await?;
+                    add_agent(&mut w, &agent_before, &agent_after);
+                }
                 eprintln!(
                     "  window {:>2} profiling {:<3} {:>6.1} orders/s  {:>7.1} CPU-ms per 1,000 orders",
                     w.index,
@@ -311,6 +399,16 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
     .await;
     let _ = stop_tx.send(());
     let _ = load.await;
+    if let Some((agent, was_running, stats)) = probes {
+        // Leave the agent as it was found; the statistics sysctl is restored on drop.
+        if let Err(e) = agent.set(was_running).await {
+            eprintln!(
+                "could not {} the agent again: {e:#}",
+                if was_running { "start" } else { "stop" }
+            );
+        }
+        drop(stats);
+    }
     result?;
     let orders_source = if windows.is_empty() {
         "none"
@@ -367,7 +465,34 @@ fn window(
             0.0
         },
         profile_building_cpu_seconds: 0.0,
+        ebpf_run_seconds: Default::default(),
     }
+}
+
+/// Charges the agent's CPU of one window to it (as service `probes`) and records the
+/// programs' kernel run time; an "off" window gets `probes` = 0 so both sides list it.
+fn add_agent(
+    w: &mut Window,
+    before: &crate::agent::AgentReading,
+    after: &crate::agent::AgentReading,
+) {
+    let cpu = match (before.cpu_seconds, after.cpu_seconds) {
+        (Some(b), Some(a)) if a >= b => a - b,
+        _ => 0.0,
+    };
+    w.cpu_seconds.insert("probes".into(), cpu);
+    w.cpu_seconds_total += cpu;
+    if w.orders > 0.0 {
+        w.cpu_ms_per_1000_orders = w.cpu_seconds_total * 1e6 / w.orders;
+    }
+    w.ebpf_run_seconds = after
+        .programs
+        .iter()
+        .map(|(p, a)| {
+            let b = before.programs.get(p).copied().unwrap_or(0.0);
+            (p.clone(), (a - b).max(0.0))
+        })
+        .collect();
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -500,23 +625,53 @@ pub fn summarize(
     } else {
         f64::INFINITY
     };
-    let verdict = if cpu_overhead <= TARGET_PCT {
+    let target = opts.subject.target_pct();
+    let what = opts.subject.describe(opts.hz);
+    let verdict = if cpu_overhead <= target {
         format!(
-            "within target: +{:.2} % CPU per 1,000 orders with profiling at {} Hz (target <= {TARGET_PCT} %)",
+            "within target: +{:.2} % CPU per 1,000 orders {what} (target <= {target} %)",
             cpu_overhead.max(0.0),
-            opts.hz
         )
-    } else if cpu_overhead - half <= TARGET_PCT {
+    } else if cpu_overhead - half <= target {
         format!(
-            "inconclusive: +{cpu_overhead:.2} % CPU per 1,000 orders, but the pair-to-pair spread (±{half:.2} %) covers the {TARGET_PCT} % target; run with more --pairs or a longer --window on a quieter machine"
+            "inconclusive: +{cpu_overhead:.2} % CPU per 1,000 orders {what}, but the pair-to-pair spread (±{half:.2} %) covers the {target} % target; run with more --pairs or a longer --window on a quieter machine"
         )
     } else {
         format!(
-            "above target: +{cpu_overhead:.2} % CPU per 1,000 orders (±{half:.2} %), target <= {TARGET_PCT} %"
+            "above target: +{cpu_overhead:.2} % CPU per 1,000 orders {what} (±{half:.2} %), target <= {target} %"
         )
     };
+    // The agent's own CPU and its programs' kernel run time, per "on" window.
+    let agent_cpu = mean(
+        &on_w
+            .iter()
+            .map(|w| w.cpu_seconds.get("probes").copied().unwrap_or(0.0))
+            .collect::<Vec<_>>(),
+    );
+    let ebpf_run = mean(
+        &on_w
+            .iter()
+            .map(|w| w.ebpf_run_seconds.values().sum::<f64>())
+            .collect::<Vec<_>>(),
+    );
+    let on_seconds = mean(&on_w.iter().map(|w| w.seconds).collect::<Vec<_>>());
+    let pct_of_off = |v: f64| {
+        if off_cpu > 0.0 {
+            v / off_cpu * 100.0
+        } else {
+            0.0
+        }
+    };
+    let mut by_program = std::collections::BTreeMap::new();
+    for w in &on_w {
+        for (p, v) in &w.ebpf_run_seconds {
+            let per_sec = if w.seconds > 0.0 { v / w.seconds } else { 0.0 };
+            *by_program.entry(p.clone()).or_insert(0.0) += per_sec * 1e3 / on_w.len() as f64;
+        }
+    }
     Report {
-        schema: "profiler.overhead/1".into(),
+        schema: "profiler.overhead/2".into(),
+        subject: opts.subject.name().into(),
         rate_per_sec: opts.rate,
         window_s: opts.window.as_secs_f64(),
         pairs: opts.pairs,
@@ -534,7 +689,18 @@ pub fn summarize(
         throughput_loss_pct: round3(throughput_loss),
         profile_building_pct: round3(building_pct),
         off_noise_pct: round3(off_noise),
-        target_pct: TARGET_PCT,
+        agent_cpu_pct: round3(pct_of_off(agent_cpu)),
+        ebpf_run_pct: round3(pct_of_off(ebpf_run)),
+        ebpf_run_cpu_share_pct: if on_seconds > 0.0 {
+            round3(ebpf_run / on_seconds * 100.0)
+        } else {
+            0.0
+        },
+        ebpf_run_ms_per_sec_by_program: by_program
+            .into_iter()
+            .map(|(p, v)| (p, round3(v)))
+            .collect(),
+        target_pct: target,
         verdict,
     }
 }
@@ -554,11 +720,13 @@ mod tests {
             cpu_seconds_total: cpu,
             cpu_ms_per_1000_orders: cpu * 1e6 / orders,
             profile_building_cpu_seconds: if profiling { 0.004 } else { 0.0 },
+            ebpf_run_seconds: Default::default(),
         }
     }
 
     fn opts() -> OverheadOptions {
         OverheadOptions {
+            subject: Subject::Profiling,
             rate: 100.0,
             window: Duration::from_secs(10),
             pairs: 2,
@@ -612,6 +780,60 @@ mod tests {
             "one pair: {}",
             r.verdict
         );
+    }
+
+    #[test]
+    fn probes_agent_arithmetic() {
+        use crate::agent::AgentReading;
+        let mut o = opts();
+        o.subject = Subject::ProbesAgent;
+        let reading = |cpu: Option<f64>, run: f64| AgentReading {
+            cpu_seconds: cpu,
+            programs: [("sched_switch".to_string(), run)].into_iter().collect(),
+        };
+        let mut windows = Vec::new();
+        for (i, on) in [false, true, true, false].into_iter().enumerate() {
+            let mut x = w(i, on, 1000.0, 1.0);
+            x.profile_building_cpu_seconds = 0.0;
+            if on {
+                // 2 ms of agent CPU and 1 ms of eBPF run time in a 10 s window.
+                add_agent(
+                    &mut x,
+                    &reading(Some(5.0), 0.5),
+                    &reading(Some(5.002), 0.501),
+                );
+            } else {
+                add_agent(&mut x, &AgentReading::default(), &AgentReading::default());
+            }
+            windows.push(x);
+        }
+        assert_eq!(windows[0].cpu_seconds["probes"], 0.0);
+        assert!((windows[1].cpu_seconds_total - 1.002).abs() < 1e-9);
+        let r = summarize(
+            &o,
+            vec!["order-gateway".into()],
+            "proc",
+            "gateway_metrics",
+            windows,
+        );
+        assert_eq!(r.subject, "probes");
+        assert_eq!(r.target_pct, PROBES_TARGET_PCT);
+        assert!(
+            (r.cpu_overhead_pct - 0.2).abs() < 0.01,
+            "{}",
+            r.cpu_overhead_pct
+        );
+        assert!((r.agent_cpu_pct - 0.2).abs() < 0.01, "{}", r.agent_cpu_pct);
+        assert!((r.ebpf_run_pct - 0.1).abs() < 0.01, "{}", r.ebpf_run_pct);
+        assert!((r.ebpf_run_cpu_share_pct - 0.01).abs() < 0.001);
+        assert!((r.ebpf_run_ms_per_sec_by_program["sched_switch"] - 0.1).abs() < 1e-6);
+        assert!(r.verdict.starts_with("within target"), "{}", r.verdict);
+        assert!(r.verdict.contains("eBPF agent"), "{}", r.verdict);
+        // A stopped agent (no pid) or a restarted one (counter went down) charges nothing.
+        let mut x = w(9, true, 1000.0, 1.0);
+        add_agent(&mut x, &reading(Some(5.0), 0.5), &reading(None, 0.2));
+        assert_eq!(x.cpu_seconds["probes"], 0.0);
+        assert_eq!(x.ebpf_run_seconds["sched_switch"], 0.0);
     }
 
     #[test]
