@@ -83,8 +83,17 @@ pub fn render_config(cfg: &LabConfig) -> anyhow::Result<String> {
         writeln!(w, "      - targets: ['{host}:{port}']")?;
         writeln!(w, "        labels:\n          component: {job}")?;
     }
+    // The chaos runner's exporter (`chaos run`, default 127.0.0.1:9436): the fault and phase
+    // annotations of the dashboards. Down between experiments; TargetDown ignores it.
+    writeln!(
+        w,
+        "  - job_name: chaos\n    metrics_path: /metrics\n    static_configs:\n      - targets: ['127.0.0.1:{CHAOS_EXPORTER_PORT}']\n        labels:\n          component: chaos"
+    )?;
     Ok(out)
 }
+
+/// Port of the chaos runner's exporter (`chaos run --exporter`).
+pub const CHAOS_EXPORTER_PORT: u16 = 9436;
 
 /// A double-quoted YAML scalar.
 fn yaml_string(s: &str) -> String {
@@ -149,6 +158,7 @@ scrape_configs:
                     "  - job_name: {job}\n    metrics_path: /metrics\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n        labels:\n          component: {job}\n"
                 ))
                 .collect::<String>()
+                + "  - job_name: chaos\n    metrics_path: /metrics\n    static_configs:\n      - targets: ['127.0.0.1:9436']\n        labels:\n          component: chaos\n"
         );
         assert_eq!(text, expected);
     }
