@@ -172,7 +172,7 @@ fn alert_names() -> Vec<String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RowKind {
     Normal,
-    /// Placeholders for the chaos runner's metrics: valid PromQL, empty while nothing runs.
+    /// The chaos runner's metrics: valid PromQL, empty while no experiment runs.
     Chaos,
     /// The eBPF agent's metrics: data only while the agent runs (as root).
     Kernel,
