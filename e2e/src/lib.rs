@@ -7,18 +7,18 @@
 use anyhow::{Context, bail};
 use lab::{Component, Lab, LabConfig};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// The folder holding this test binary's sibling binaries (`target/debug`).
+/// The folder holding the services' binaries: `target/<profile>` for a test binary
+/// (`target/<profile>/deps/e2e-xxxx`) and for a binary like `bench-e2e` itself.
 pub fn bin_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the test binary")?;
-    // target/debug/deps/e2e-xxxx → target/debug
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary has no grandparent folder")?
-        .to_owned();
+    let exe = std::env::current_exe().context("locating the running binary")?;
+    let mut dir = exe.parent().context("the binary has no folder")?;
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().context("deps has no parent folder")?;
+    }
+    let dir = dir.to_owned();
     for bin in ["matching-engine", "persistence", "order-gateway"] {
         if !dir.join(bin).is_file() {
             bail!(

@@ -44,6 +44,10 @@ pub struct AgentOptions {
     pub probes: Option<Vec<String>>,
     /// Attribute sockets through `/proc/PID/fd` (costs a directory read per lab process).
     pub scan_sockets: bool,
+    /// How often the socket scan runs (it reads each network namespace's `/proc/net/tcp`,
+    /// which walks the kernel's whole established-socket hash table: milliseconds per read).
+    /// Between scans the last scan's sockets are kept.
+    pub socket_scan_interval: Duration,
     /// Where cgroup v1 hierarchies are mounted (relative lab cgroup paths resolve under it).
     pub cgroup_root: PathBuf,
     /// Fewest retransmits of one flow within a poll interval that make a `retransmit_burst`.
@@ -60,6 +64,7 @@ impl Default for AgentOptions {
             refresh_interval: Duration::from_secs(2),
             probes: None,
             scan_sockets: true,
+            socket_scan_interval: Duration::from_secs(15),
             cgroup_root: PathBuf::from(procfs::CGROUP_ROOT),
             burst_min: 1,
         }
@@ -84,8 +89,9 @@ pub struct Agent {
     options: AgentOptions,
     kernel: Mutex<Kernel>,
     inner: Mutex<Inner>,
-    /// Serialises refreshes (the background task and tests may both call it).
-    refresh_lock: Mutex<()>,
+    /// Serialises refreshes (the background task and tests may both call it); holds when the
+    /// sockets were last scanned.
+    refresh_lock: Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -144,7 +150,7 @@ impl Agent {
                 last_lab_problem: None,
                 undecodable: 0,
             }),
-            refresh_lock: Mutex::new(()),
+            refresh_lock: Mutex::new(None),
             options,
         };
         agent.refresh().map_err(LoadError::Other)?;
@@ -170,7 +176,9 @@ impl Agent {
 
     /// Re-reads the lab state, rebuilds attribution and syncs the kernel's task filter.
     pub fn refresh(&self) -> anyhow::Result<()> {
-        let _serial = lock(&self.refresh_lock);
+        let mut last_scan = lock(&self.refresh_lock);
+        let scan_now = self.options.scan_sockets
+            && last_scan.is_none_or(|t| t.elapsed() >= self.options.socket_scan_interval);
         let path = self.lab_state_path();
         let state = match &path {
             None => Err(format!(
@@ -183,18 +191,21 @@ impl Agent {
             )),
             Some(p) => LabState::read(p).map_err(|e| e.to_string()),
         };
-        let mut registry = lock(&self.inner).registry.clone();
+        let (mut registry, previous_sockets) = {
+            let inner = lock(&self.inner);
+            (inner.registry.clone(), inner.view.by_socket.clone())
+        };
         let (view, problem, components) = match state {
-            Ok(s) => (
-                Attribution::build(
-                    &s,
-                    &mut registry,
-                    &self.options.cgroup_root,
-                    self.options.scan_sockets,
-                ),
-                None,
-                s.components.len(),
-            ),
+            Ok(s) => {
+                let mut view =
+                    Attribution::build(&s, &mut registry, &self.options.cgroup_root, scan_now);
+                if scan_now {
+                    *last_scan = Some(std::time::Instant::now());
+                } else {
+                    view.by_socket = previous_sockets;
+                }
+                (view, None, s.components.len())
+            }
             Err(why) => (Attribution::default(), Some(why), 0),
         };
         let track_all = !view.has_lab;

@@ -148,7 +148,18 @@ impl Attribution {
     fn scan_sockets(&mut self) {
         let mut tables: HashMap<u64, HashMap<u64, (IpAddr, u16)>> = HashMap::new();
         let mut found = Vec::new();
+        // A component with its own lab address (its own network namespace) is found by
+        // address: its sockets need no scan.
+        let addressed: HashSet<u32> = self
+            .by_address
+            .iter()
+            .filter(|(a, _)| !a.is_loopback() && !a.is_unspecified())
+            .map(|(_, &idx)| idx)
+            .collect();
         for (&tgid, &idx) in &self.by_tgid {
+            if addressed.contains(&idx) {
+                continue;
+            }
             let inodes = procfs::socket_inodes(tgid);
             if inodes.is_empty() {
                 continue;
