@@ -1,8 +1,8 @@
 //! The stack under test, as the runner sees it: the lab's state file (addresses, namespaces,
 //! cgroups, pids) and the supervisor's control socket (stop, start, signal a component).
 
-use anyhow::{Context, bail};
-use lab::control::{Request, Response, request};
+use anyhow::Context;
+use lab::control::{Request, Response, request_ok};
 use lab::{Component, ComponentState, LabState};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -91,12 +91,7 @@ impl Stack {
     }
 
     fn control(&self, req: Request, timeout: Duration) -> anyhow::Result<Response> {
-        let socket = self.socket()?;
-        let r = request(&socket, &req, timeout)?;
-        if !r.ok {
-            bail!("lab refused {req:?}: {}", r.message);
-        }
-        Ok(r)
+        request_ok(&self.socket()?, &req, timeout)
     }
 
     /// Stops a component and holds it down.

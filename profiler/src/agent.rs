@@ -4,7 +4,7 @@
 //! (`probes_program_run_seconds_total`, exported while `kernel.bpf_stats_enabled` is 1).
 
 use anyhow::Context as _;
-use lab::control::{Request, request};
+use lab::control::{Request, request_ok};
 use lab::{Component, LabState};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -65,12 +65,9 @@ impl Agent {
             }
         };
         let socket = self.socket.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            request(&socket, &req, Duration::from_secs(120)).map(|r| (req, r))
-        })
-        .await
-        .context("control request task")??;
-        anyhow::ensure!(r.1.ok, "the lab refused {:?}: {}", r.0, r.1.message);
+        tokio::task::spawn_blocking(move || request_ok(&socket, &req, Duration::from_secs(120)))
+            .await
+            .context("control request task")??;
         Ok(())
     }
 

@@ -521,17 +521,7 @@ fn down(root: &Path, purge: bool) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    for (name, rec) in &recorded {
-        // PostgreSQL's fast shutdown is SIGINT; SIGTERM would wait for its clients.
-        let stop = if name == "postgres" {
-            Signal::SIGINT
-        } else {
-            Signal::SIGTERM
-        };
-        if process::terminate_recorded(rec, stop, Duration::from_secs(10)) {
-            say!("stopped leftover {name} (pid {})", rec.pid);
-        }
-    }
+    stop_leftovers(&recorded);
     let survivors: Vec<String> = recorded
         .iter()
         .filter(|(_, rec)| process::is_alive(rec) || !process::group_members(rec.pid).is_empty())
@@ -583,7 +573,22 @@ fn cleanup(root: &Path) -> anyhow::Result<ExitCode> {
         );
     }
     let recorded = stop_order(&state);
-    for (name, rec) in &recorded {
+    stop_leftovers(&recorded);
+    remove_isolation(&state)?;
+    let left = Leftovers::from_state(&state).existing();
+    if !left.is_empty() {
+        bail!("still present after cleanup: {}", left.join(", "));
+    }
+    mark_stopped(state, root)?;
+    say!("nothing of the lab at {} is left", root.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Stops each recorded process (in the order given) that is still running, escalating to
+/// SIGKILL after 10 s, and says which ones it stopped.
+fn stop_leftovers(recorded: &[(String, ProcessRecord)]) {
+    for (name, rec) in recorded {
+        // PostgreSQL's fast shutdown is SIGINT; SIGTERM would wait for its clients.
         let stop = if name == "postgres" {
             Signal::SIGINT
         } else {
@@ -593,14 +598,6 @@ fn cleanup(root: &Path) -> anyhow::Result<ExitCode> {
             say!("stopped leftover {name} (pid {})", rec.pid);
         }
     }
-    remove_isolation(&state)?;
-    let left = Leftovers::from_state(&state).existing();
-    if !left.is_empty() {
-        bail!("still present after cleanup: {}", left.join(", "));
-    }
-    mark_stopped(state, root)?;
-    say!("nothing of the lab at {} is left", root.display());
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Records in the state file that nothing runs any more (nobody else will).

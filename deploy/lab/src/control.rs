@@ -193,6 +193,15 @@ pub fn request(socket: &Path, request: &Request, timeout: Duration) -> anyhow::R
         .with_context(|| format!("decoding the answer {:?}", line.trim()))
 }
 
+/// [`request`], and an error naming the request when the lab refused it (`ok: false`).
+pub fn request_ok(socket: &Path, req: &Request, timeout: Duration) -> anyhow::Result<Response> {
+    let r = request(socket, req, timeout)?;
+    if !r.ok {
+        anyhow::bail!("lab refused {req:?}: {}", r.message);
+    }
+    Ok(r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
