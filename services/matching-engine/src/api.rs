@@ -6,9 +6,10 @@
 //!   full or the engine drains.
 //! * `POST /v1/orders/{order_id}/cancel` → `200` `OrderOutcome`.
 //! * `POST /v1/commands` — an array of up to 1024 tagged `domain::Command`s, applied in order
-//!   (the gateway drains its retry queue with it) → `200` with one result per command, in
-//!   order: `{"status": 200, "outcome": ..., "replayed": bool}` or
-//!   `{"status": 409|503, "error": {...}}`.
+//!   as one request to the matching thread (the gateway sends its batches under load and
+//!   drains its retry queue with it) → `200` with one result per command, in order:
+//!   `{"status": 200, "outcome": ..., "replayed": bool}` or `{"status": 409|503, "error": {...}}`
+//!   (`503` for every item when the matching queue is full).
 //! * `GET /v1/book/{symbol}?depth=N` → the aggregated book, best levels first.
 //! * `GET /v1/state` → last sequence number, journal size, and every book's hash.
 //!
@@ -22,8 +23,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use domain::{CancelOrder, Command, NewOrder, OrderId};
-use serde::Deserialize;
+use domain::{CancelOrder, Command, NewOrder, OrderId, OrderOutcome};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 /// The engine's error answer.
@@ -159,20 +160,61 @@ async fn commands(State(m): State<Matcher>, body: Bytes) -> Result<Response, Api
             ),
         ));
     }
-    let results: Vec<serde_json::Value> = m
-        .commands(commands)
-        .await
-        .into_iter()
+    let applied = m.commands(commands).await;
+    let results: Vec<Item<'_>> = applied
+        .iter()
         .map(|r| match r {
-            Ok(Applied::New { outcome, .. }) => json!({"status": 200, "outcome": &*outcome, "replayed": false}),
-            Ok(Applied::Replay(outcome)) => json!({"status": 200, "outcome": &*outcome, "replayed": true}),
-            Ok(Applied::Conflict { field, message }) => {
-                json!({"status": 409, "error": {"code": "conflict", "field": field, "message": message}})
-            }
-            Err(b) => json!({"status": 503, "error": {"code": "unavailable", "field": null, "message": b.to_string()}}),
+            Ok(Applied::New { outcome, .. }) => Item::Done {
+                status: 200,
+                outcome,
+                replayed: false,
+            },
+            Ok(Applied::Replay(outcome)) => Item::Done {
+                status: 200,
+                outcome,
+                replayed: true,
+            },
+            Ok(Applied::Conflict { field, message }) => Item::Failed {
+                status: 409,
+                error: ItemError {
+                    code: "conflict",
+                    field: Some(field),
+                    message: message.clone(),
+                },
+            },
+            Err(b) => Item::Failed {
+                status: 503,
+                error: ItemError {
+                    code: "unavailable",
+                    field: None,
+                    message: b.to_string(),
+                },
+            },
         })
         .collect();
     Ok(axum::Json(results).into_response())
+}
+
+/// One result of `POST /v1/commands`.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Item<'a> {
+    Done {
+        status: u16,
+        outcome: &'a OrderOutcome,
+        replayed: bool,
+    },
+    Failed {
+        status: u16,
+        error: ItemError,
+    },
+}
+
+#[derive(Serialize)]
+struct ItemError {
+    code: &'static str,
+    field: Option<&'static str>,
+    message: String,
 }
 
 #[derive(Debug, Deserialize)]

@@ -69,6 +69,11 @@ pub enum Request {
         command: Command,
         reply: oneshot::Sender<Applied>,
     },
+    /// Several commands, applied in order and answered together.
+    Commands {
+        commands: Vec<Command>,
+        reply: oneshot::Sender<Vec<Applied>>,
+    },
     Book {
         symbol: String,
         depth: usize,
@@ -124,38 +129,19 @@ impl Matcher {
         self.ask(|reply| Request::Command { command, reply }).await
     }
 
-    /// Applies several commands in the given order (each answered once journaled). Commands
-    /// that do not fit in the matching queue are not enqueued and come back as `Busy`, like
-    /// every command after them, so the order of what was applied is preserved.
+    /// Applies several commands in the given order, as one request to the matching thread:
+    /// one wake-up, one place in the queue, journaled with the commands around it in one
+    /// `fdatasync`. All or nothing is enqueued: when the queue is full every command comes
+    /// back `Busy` (the caller retries them, in order).
     pub async fn commands(&self, commands: Vec<Command>) -> Vec<Result<Applied, Busy>> {
-        let mut waiting = Vec::with_capacity(commands.len());
-        let mut busy = None;
-        for command in commands {
-            if let Some(b) = busy {
-                waiting.push(Err(b));
-                continue;
-            }
-            let (reply, rx) = oneshot::channel();
-            match self.tx.try_send(Request::Command { command, reply }) {
-                Ok(()) => waiting.push(Ok(rx)),
-                Err(e) => {
-                    let b = match e {
-                        mpsc::error::TrySendError::Full(_) => Busy::Full,
-                        mpsc::error::TrySendError::Closed(_) => Busy::Closed,
-                    };
-                    busy = Some(b);
-                    waiting.push(Err(b));
-                }
-            }
+        let n = commands.len();
+        match self
+            .ask(|reply| Request::Commands { commands, reply })
+            .await
+        {
+            Ok(applied) => applied.into_iter().map(Ok).collect(),
+            Err(b) => (0..n).map(|_| Err(b)).collect(),
         }
-        let mut out = Vec::with_capacity(waiting.len());
-        for w in waiting {
-            out.push(match w {
-                Ok(rx) => rx.await.map_err(|_| Busy::Closed),
-                Err(b) => Err(b),
-            });
-        }
-        out
     }
 
     pub async fn book(&self, symbol: String, depth: usize) -> Result<Option<BookView>, Busy> {
@@ -174,6 +160,7 @@ impl Matcher {
 
 enum Pending {
     Applied(oneshot::Sender<Applied>, Applied),
+    Batch(oneshot::Sender<Vec<Applied>>, Vec<Applied>),
     Book(oneshot::Sender<Option<BookView>>, Option<BookView>),
     State(oneshot::Sender<StateView>, StateView),
 }
@@ -203,22 +190,18 @@ fn run(
         for req in batch.drain(..) {
             match req {
                 Request::Command { command, reply } => {
-                    let applied = exchange.apply(&command);
-                    let kind = match &command {
-                        Command::NewOrder(_) => "new_order",
-                        Command::Cancel(_) => "cancel",
-                    };
-                    let result = match &applied {
-                        Applied::New { events, .. } => {
-                            journal::encode(&mut buf, &command, events);
-                            commands += 1;
-                            "new"
-                        }
-                        Applied::Replay(_) => "replay",
-                        Applied::Conflict { .. } => "conflict",
-                    };
-                    metrics::counter!("engine_commands_total", "command" => kind, "result" => result).increment(1);
+                    let applied = apply(&mut exchange, &command, &mut buf, &mut commands);
                     pending.push(Pending::Applied(reply, applied));
+                }
+                Request::Commands {
+                    commands: list,
+                    reply,
+                } => {
+                    let applied = list
+                        .iter()
+                        .map(|c| apply(&mut exchange, c, &mut buf, &mut commands))
+                        .collect();
+                    pending.push(Pending::Batch(reply, applied));
                 }
                 Request::Book {
                     symbol,
@@ -257,6 +240,7 @@ fn run(
             // and a retry will get the same outcome.
             let _ = match p {
                 Pending::Applied(tx, a) => tx.send(a).map_err(|_| ()),
+                Pending::Batch(tx, a) => tx.send(a).map_err(|_| ()),
                 Pending::Book(tx, v) => tx.send(v).map_err(|_| ()),
                 Pending::State(tx, v) => tx.send(v).map_err(|_| ()),
             };
@@ -266,6 +250,26 @@ fn run(
         last_seq = exchange.last_seq(),
         "matching thread stopped; journal is synced"
     );
+}
+
+/// Applies one command, appends it to the journal buffer when it changed the books, counts it.
+fn apply(exchange: &mut Exchange, command: &Command, buf: &mut Vec<u8>, new: &mut u64) -> Applied {
+    let applied = exchange.apply(command);
+    let kind = match command {
+        Command::NewOrder(_) => "new_order",
+        Command::Cancel(_) => "cancel",
+    };
+    let result = match &applied {
+        Applied::New { events, .. } => {
+            journal::encode(buf, command, events);
+            *new += 1;
+            "new"
+        }
+        Applied::Replay(_) => "replay",
+        Applied::Conflict { .. } => "conflict",
+    };
+    metrics::counter!("engine_commands_total", "command" => kind, "result" => result).increment(1);
+    applied
 }
 
 fn publish_book_gauges(exchange: &Exchange) {

@@ -36,6 +36,8 @@ pub struct GatewayConfig {
     #[serde(default)]
     pub delivery: DeliveryConfig,
     #[serde(default)]
+    pub batching: BatchingConfig,
+    #[serde(default)]
     pub idempotency: IdempotencyConfig,
     /// `/debug/pprof` access beyond loopback (kit::debug).
     #[serde(default)]
@@ -52,6 +54,7 @@ impl Default for GatewayConfig {
             persistence: UpstreamConfig::persistence(),
             spool: SpoolLimits::default(),
             delivery: DeliveryConfig::default(),
+            batching: BatchingConfig::default(),
             idempotency: IdempotencyConfig::default(),
             debug: DebugConfig::default(),
         }
@@ -179,6 +182,48 @@ impl DeliveryConfig {
     }
 }
 
+/// `[batching]`: how client commands travel to the engine (see [`crate::batcher`]). A command
+/// that finds a free call slot leaves at once; those that arrive while every slot is busy
+/// leave together in one `POST /v1/commands`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Most commands in one call (the engine takes at most 1024); 1 turns batching off.
+    pub max_commands: usize,
+    /// Calls to the engine out at the same time.
+    pub in_flight: usize,
+}
+
+/// The engine's limit on commands per `POST /v1/commands`.
+pub const ENGINE_MAX_BATCH: usize = 1024;
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        BatchingConfig {
+            max_commands: 256,
+            in_flight: 2,
+        }
+    }
+}
+
+impl BatchingConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=ENGINE_MAX_BATCH).contains(&self.max_commands) {
+            return Err(ConfigError::invalid(
+                "batching.max_commands",
+                format!("must be between 1 and {ENGINE_MAX_BATCH} (the engine's limit per call)"),
+            ));
+        }
+        if !(1..=256).contains(&self.in_flight) {
+            return Err(ConfigError::invalid(
+                "batching.in_flight",
+                "must be between 1 and 256",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `[idempotency]`: the bounded memory of answers given, keyed by `client_order_id`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -212,6 +257,7 @@ impl Validate for GatewayConfig {
         }
         self.engine.validate("engine")?;
         self.persistence.validate("persistence")?;
+        self.batching.validate()?;
         // A request must be able to wait out the engine's timeout and still be spooled and
         // answered 202 before kit's request timeout answers 408.
         if self.delivery.connect_timeout_ms == 0

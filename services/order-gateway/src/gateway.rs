@@ -10,6 +10,7 @@
 //! `503` with `Retry-After`: load is shed, never silently dropped.
 
 use crate::answers::{self, OrderAnswer, QueuedAnswer};
+use crate::batcher::EngineBatcher;
 use crate::config::GatewayConfig;
 use crate::error::{AppError, ErrorDetail};
 use crate::idempotency::{self, Begin, Idempotency, Reservation, StoredAnswer};
@@ -42,7 +43,7 @@ pub enum StartError {
     #[error("retry queue: {0}")]
     Spool(#[from] SpoolError),
     #[error("HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
+    Client(#[from] upstream::ClientError),
     #[error("serving: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -72,6 +73,8 @@ struct Inner {
     known: KnownOrders,
     spool: Spool,
     engine: EngineClient,
+    /// Client commands to the engine, batched under load.
+    batcher: EngineBatcher,
     /// The engine for retry-queue delivery: same timeouts but a short connect timeout
     /// (`[delivery] connect_timeout_ms`), so a healed engine is found fast.
     delivery: EngineClient,
@@ -149,6 +152,7 @@ impl Gateway {
                 known: KnownOrders::new(config.idempotency.recent_orders_max_entries),
                 spool,
                 delivery,
+                batcher: EngineBatcher::new(engine.clone(), config.batching.clone()),
                 engine,
                 persistence,
                 readiness,
@@ -298,7 +302,7 @@ impl Gateway {
         if !self.inner.spool.is_empty() {
             return self.queue_order(reservation, &order, &command).await;
         }
-        match self.inner.engine.send(&command).await {
+        match self.inner.batcher.send(command.clone()).await {
             Ok(EngineAnswer::Outcome(outcome)) => {
                 let answer = OrderAnswer::from_outcome(
                     &outcome,
@@ -392,7 +396,7 @@ impl Gateway {
         if !self.inner.spool.is_empty() {
             return self.queue_cancel(&command).await;
         }
-        match self.inner.engine.send(&command).await {
+        match self.inner.batcher.send(command.clone()).await {
             Ok(EngineAnswer::Outcome(outcome)) => self.cancel_answer(&outcome),
             Ok(EngineAnswer::Refused { status, detail }) => {
                 count_cancel("refused");

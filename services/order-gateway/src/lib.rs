@@ -10,6 +10,7 @@
 //!
 //! * [`config`]: typed settings (kit's loader, `APP__SECTION__KEY`).
 //! * [`api`]: routes, handlers, layers; [`app`] builds the router without a socket.
+//! * [`batcher`]: commands to the engine, batched under load.
 //! * [`gateway`]: the state and the decisions (engine or queue, what to answer).
 //! * [`answers`]: the JSON answers (prices as decimal strings on the symbol's grid).
 //! * [`error`]: [`AppError`], the one place errors become JSON answers.
@@ -20,6 +21,7 @@
 pub mod answers;
 pub mod api;
 pub mod background;
+pub mod batcher;
 pub mod config;
 pub mod error;
 pub mod gateway;

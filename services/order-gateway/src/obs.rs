@@ -2,7 +2,7 @@
 //! known in advance created at 0, so that `rate()`, ratios and alerts see them before the
 //! first shed or rejected order. (kit describes `http_server_*`, `dependency_*`, `spool_*`.)
 
-use metrics::{Unit, describe_counter, describe_gauge};
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
 /// Every `outcome` of `gateway_orders_total`.
 pub const ORDER_OUTCOMES: &[&str] = &[
@@ -59,6 +59,11 @@ pub fn describe() {
         "gateway_persistence_errors_total",
         Unit::Count,
         "Failed calls to persistence, by kind (connect, timeout, io, status, protocol)."
+    );
+    describe_histogram!(
+        "gateway_engine_batch_size",
+        Unit::Count,
+        "Client commands per call to the matching engine (1: alone on its own route; more: one POST /v1/commands)."
     );
     for outcome in ORDER_OUTCOMES {
         metrics::counter!("gateway_orders_total", "outcome" => *outcome).increment(0);

@@ -54,12 +54,22 @@ impl CallError {
     }
 }
 
+/// Why a dependency's client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Http(#[from] reqwest::Error),
+    #[error("bad URL: {0}")]
+    Url(String),
+}
+
 /// One dependency: a client with its timeouts, its base URL and its error metric's name.
 #[derive(Debug, Clone)]
 struct Upstream {
     name: &'static str,
     errors_metric: &'static str,
-    base: String,
+    /// Parsed once: parsing a URL (host validation, IDNA) per call showed in CPU profiles.
+    base: reqwest::Url,
     request_timeout_ms: u64,
     client: reqwest::Client,
     deps: Readiness,
@@ -71,7 +81,7 @@ impl Upstream {
         errors_metric: &'static str,
         config: &UpstreamConfig,
         deps: Readiness,
-    ) -> Result<Upstream, reqwest::Error> {
+    ) -> Result<Upstream, ClientError> {
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout())
             .timeout(config.request_timeout())
@@ -82,7 +92,9 @@ impl Upstream {
         Ok(Upstream {
             name,
             errors_metric,
-            base: config.base_url().to_owned(),
+            base: reqwest::Url::parse(config.base_url()).map_err(|e| {
+                ClientError::Url(format!("{name} URL {:?}: {e}", config.base_url()))
+            })?,
             request_timeout_ms: config.request_timeout_ms,
             client,
             deps,
@@ -148,8 +160,16 @@ impl Upstream {
         }
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+    /// The base URL with `path_and_query` (starting with `/`) in place of its path.
+    fn url(&self, path_and_query: &str) -> reqwest::Url {
+        let mut url = self.base.clone();
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
+        url.set_path(path);
+        url.set_query(query);
+        url
     }
 
     /// `GET {base}/healthz`: reachable if it answers anything below 500.
@@ -197,7 +217,7 @@ pub const ROUTE_BOOK: &str = "GET /v1/book/{symbol}";
 pub const ROUTE_COMMANDS: &str = "POST /v1/commands";
 
 impl EngineClient {
-    pub fn new(config: &UpstreamConfig, deps: Readiness) -> Result<EngineClient, reqwest::Error> {
+    pub fn new(config: &UpstreamConfig, deps: Readiness) -> Result<EngineClient, ClientError> {
         Ok(EngineClient {
             up: Upstream::new(ENGINE, "gateway_engine_errors_total", config, deps)?,
         })
@@ -341,10 +361,7 @@ pub struct PersistenceClient {
 pub const ROUTE_ORDER_STATUS: &str = "GET /v1/orders/{order_id}";
 
 impl PersistenceClient {
-    pub fn new(
-        config: &UpstreamConfig,
-        deps: Readiness,
-    ) -> Result<PersistenceClient, reqwest::Error> {
+    pub fn new(config: &UpstreamConfig, deps: Readiness) -> Result<PersistenceClient, ClientError> {
         Ok(PersistenceClient {
             up: Upstream::new(
                 PERSISTENCE,

@@ -424,3 +424,52 @@ async fn a_second_gateway_cannot_share_the_data_dir() {
     assert!(e.to_string().contains("in use"), "{e}");
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_orders_travel_together_and_each_gets_its_own_answer() {
+    let engine = FakeEngine::start().await;
+    // A slow engine (50 ms a call) and one call slot: whatever arrives during a call waits
+    // and leaves with the next one.
+    engine
+        .state
+        .delay_ms
+        .store(50, std::sync::atomic::Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), engine.addr, closed_port());
+    cfg.batching.in_flight = 1;
+    let gw = std::sync::Arc::new(TestGateway::start(cfg).await);
+
+    let n = 100;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let gw = gw.clone();
+        tasks.spawn(async move {
+            let id = format!("c-batch-{i}");
+            let (status, body) = gw.post_order(&order(&id)).await;
+            (id, status, body)
+        });
+    }
+    let mut ids = std::collections::HashSet::new();
+    while let Some(done) = tasks.join_next().await {
+        let (id, status, body) = done.expect("task");
+        assert_eq!(status, StatusCode::CREATED, "{id}: {body}");
+        assert_eq!(body["client_order_id"], id.as_str(), "its own answer");
+        assert!(ids.insert(id_of(&body)), "order ids are distinct");
+    }
+    let st = &engine.state;
+    assert_eq!(st.executed_len(), n, "every order executed once");
+    let batches = st.batch_calls.load(std::sync::atomic::Ordering::SeqCst);
+    let batched = st
+        .batched_commands
+        .load(std::sync::atomic::Ordering::SeqCst) as usize;
+    let singles = st.received.lock().unwrap().len() - batched;
+    assert!(batches >= 1, "some orders were batched");
+    assert!(
+        batches as usize + singles < n / 2,
+        "{n} orders took {batches} batch calls and {singles} single calls"
+    );
+    match std::sync::Arc::try_unwrap(gw) {
+        Ok(gw) => gw.stop().await,
+        Err(_) => panic!("the gateway is still shared"),
+    }
+}

@@ -221,6 +221,11 @@ pub struct EngineState {
     pub stall: AtomicBool,
     /// Requests are answered 503 while set.
     pub draining: AtomicBool,
+    /// Every request takes this long to answer (a slow engine).
+    pub delay_ms: AtomicU64,
+    /// Calls to `POST /v1/commands`, and the commands they carried.
+    pub batch_calls: AtomicU64,
+    pub batched_commands: AtomicU64,
 }
 
 impl EngineState {
@@ -309,6 +314,10 @@ fn same_content(a: &NewOrder, b: &NewOrder) -> bool {
 }
 
 async fn gate(s: &EngineState) -> Option<Response> {
+    let delay = s.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     if s.stall.load(Ordering::SeqCst) {
         std::future::pending::<()>().await;
     }
@@ -322,6 +331,10 @@ async fn engine_new_order(State(s): State<Arc<EngineState>>, body: bytes::Bytes)
     if let Some(r) = gate(&s).await {
         return r;
     }
+    new_order(&s, body)
+}
+
+fn new_order(s: &Arc<EngineState>, body: bytes::Bytes) -> Response {
     let order: NewOrder = match serde_json::from_slice(&body) {
         Ok(o) => o,
         Err(e) => {
@@ -420,14 +433,17 @@ async fn engine_commands(State(s): State<Arc<EngineState>>, body: bytes::Bytes) 
                 .into_response();
         }
     };
+    s.batch_calls.fetch_add(1, Ordering::SeqCst);
+    s.batched_commands
+        .fetch_add(commands.len() as u64, Ordering::SeqCst);
     let mut results = Vec::new();
     for command in commands {
         let resp = match command {
             Command::NewOrder(o) => {
                 let body = bytes::Bytes::from(serde_json::to_vec(&o).expect("serializes"));
-                engine_new_order(State(s.clone()), body).await
+                new_order(&s, body)
             }
-            Command::Cancel(c) => engine_cancel(State(s.clone()), Path(c.order_id.0)).await,
+            Command::Cancel(c) => cancel(&s, c.order_id.0),
         };
         let status = resp.status().as_u16();
         let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
@@ -447,6 +463,10 @@ async fn engine_cancel(State(s): State<Arc<EngineState>>, Path(id): Path<u64>) -
     if let Some(r) = gate(&s).await {
         return r;
     }
+    cancel(&s, id)
+}
+
+fn cancel(s: &Arc<EngineState>, id: u64) -> Response {
     let id = OrderId(id);
     let cancel = Command::Cancel(domain::CancelOrder { order_id: id });
     s.received.lock().unwrap().push(cancel.clone());
