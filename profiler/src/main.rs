@@ -104,7 +104,13 @@ struct OverheadArgs {
     pairs: usize,
     #[arg(long, default_value_t = kit::debug::DEFAULT_HZ)]
     hz: u32,
+    /// Length of each profile in an "on" window; they follow each other back to back, as a
+    /// continuous profiler takes them.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    profile: Duration,
+    /// Load before the first window; with `--subject profiling` the services are profiled
+    /// continuously meanwhile, so their first symbolization is not in the windows.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     warmup: Duration,
     /// Where to write the JSON report [default: target/bench/<subject>-overhead.json].
     #[arg(long)]
@@ -286,6 +292,7 @@ async fn overhead_cmd(a: OverheadArgs) -> anyhow::Result<()> {
         window: a.window,
         pairs: a.pairs,
         hz: a.hz,
+        profile_seconds: a.profile.as_secs().max(1),
         warmup: a.warmup,
         json: a
             .json
@@ -320,8 +327,9 @@ async fn overhead_cmd(a: OverheadArgs) -> anyhow::Result<()> {
     );
     match subject {
         Subject::Profiling => println!(
-            "measured inside the services: building the profiles costs {:.2} % of their CPU",
-            r.profile_building_pct
+            "measured inside the services: building the profiles costs {:.2} % of their CPU (the warm-up's profiles, first symbolization included: {:.0} ms of CPU, once per process)",
+            r.profile_building_pct,
+            r.warmup_building_cpu_seconds * 1e3
         ),
         Subject::ProbesAgent => {
             println!(

@@ -1,9 +1,11 @@
 //! `profiler overhead` (`make bench-profiling-overhead`): what continuous CPU profiling costs.
 //!
 //! One constant open-model load runs for the whole benchmark. Time is cut into windows of
-//! equal length; in the "on" windows every service is being profiled at `hz` (99 Hz), each
-//! window's profile symbolized and fetched as a real profile would be; in the "off" windows
-//! nothing is profiled. Windows alternate in ABBA order (off,on / on,off / ...) so that a slow
+//! equal length; in the "on" windows every service is being profiled at `hz` (99 Hz) as a
+//! continuous profiler does it — back-to-back profiles of `profile_seconds` (10 s), each
+//! symbolized and fetched — and after an "on" window the benchmark waits until the services'
+//! profilers stopped (`debug_pprof_sampling` 0), so that stopping one is charged to no window;
+//! in the "off" windows nothing is profiled. Windows alternate in ABBA order (off,on / on,off / ...) so that a slow
 //! drift of the machine (other builds on a shared host) cancels out instead of biasing one
 //! side. Per window: orders the gateway answered (its `http_server_requests_total` for
 //! `POST /v1/orders` and `DELETE /v1/orders/{order_id}`), CPU seconds of the three services (utime+stime from `/proc/<pid>/stat`,
@@ -66,8 +68,13 @@ pub struct OverheadOptions {
     /// Number of (off, on) pairs.
     pub pairs: usize,
     pub hz: u32,
-    /// Load before the first window (includes one short profile per service, so the one-time
-    /// cost of loading debug information is not charged to the first "on" window).
+    /// Length of each profile in an "on" window: profiles follow each other back to back, as
+    /// a continuous profiler takes them (Parca and Pyroscope: 10 s).
+    pub profile_seconds: u64,
+    /// Load before the first window. With the profiling subject every service is profiled
+    /// continuously meanwhile, so the one-time cost of loading debug information and of the
+    /// first symbolization of its code is not charged to the "on" windows (it is reported
+    /// as `warmup_building_cpu_seconds`).
     pub warmup: Duration,
     pub json: PathBuf,
     pub seed: u64,
@@ -121,6 +128,9 @@ pub struct Report {
     pub window_s: f64,
     pub pairs: usize,
     pub hz: u32,
+    /// Length of each back-to-back profile in an "on" window.
+    #[serde(default)]
+    pub profile_s: u64,
     pub services: Vec<String>,
     /// Where CPU time was read from: `proc` or `metrics`.
     pub cpu_source: String,
@@ -147,6 +157,10 @@ pub struct Report {
     /// bound for profiling (it leaves out the signal handler's unwinding).
     #[serde(default)]
     pub direct_pct: f64,
+    /// Profiling subject: CPU seconds the services spent building the warm-up's profiles
+    /// (first symbolization of their code: a one-off per process, outside the windows).
+    #[serde(default)]
+    pub warmup_building_cpu_seconds: f64,
     /// Relative spread (stddev / mean, percent) of CPU per 1,000 orders across "off" windows:
     /// the noise floor of this measurement on this machine.
     pub off_noise_pct: f64,
@@ -290,6 +304,32 @@ async fn profile_all(stack: &Stack, seconds: u64, hz: u32) -> anyhow::Result<f64
     Ok(spent)
 }
 
+/// Waits until no service's CPU profiler samples any more (`debug_pprof_sampling` 0 on all),
+/// polling, within the profilers' linger time plus a margin.
+async fn wait_until_not_sampling(stack: &Stack) -> anyhow::Result<()> {
+    let deadline = Instant::now() + kit::debug::SESSION_LINGER + Duration::from_secs(30);
+    loop {
+        let mut sampling = Vec::new();
+        for s in &stack.services {
+            let text = stack.get(s, "/metrics", Duration::from_secs(10)).await?;
+            let text = String::from_utf8_lossy(&text);
+            if metric_sum(&text, kit::debug::SAMPLING_GAUGE, &[]).unwrap_or(0.0) > 0.0 {
+                sampling.push(s.name.clone());
+            }
+        }
+        if sampling.is_empty() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the CPU profiler of {} did not stop within {:?} of the last profile",
+            sampling.join(", "),
+            kit::debug::SESSION_LINGER + Duration::from_secs(30)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Runs the benchmark against the running lab and writes the JSON report.
 pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report> {
     anyhow::ensure!(opts.pairs >= 1, "--pairs must be at least 1");
@@ -341,7 +381,7 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
         opts.warmup.as_secs(),
         opts.rate,
         if opts.subject == Subject::Profiling {
-            " (one short profile per service loads its debug info)"
+            " with every service profiled (their first symbolization happens here, outside the windows)"
         } else {
             ""
         }
@@ -357,9 +397,22 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
         Subject::Profiling => None,
     };
     let mut warm = Duration::ZERO;
+    let mut warmup_building = 0.0;
     if opts.subject == Subject::Profiling {
-        warm = Duration::from_secs(2).min(opts.warmup);
-        profile_all(stack, warm.as_secs().max(1), opts.hz).await?;
+        // Continuous profiling for the warm-up: the first profiles of a process symbolize
+        // every address they meet for the first time (kit caches them), a one-off that the
+        // steady state measured below does not pay. Its cost is reported on its own.
+        let started = Instant::now();
+        loop {
+            let left = opts.warmup.saturating_sub(started.elapsed()).as_secs();
+            warmup_building +=
+                profile_all(stack, left.clamp(1, opts.profile_seconds), opts.hz).await?;
+            if started.elapsed() + Duration::from_secs(1) >= opts.warmup {
+                break;
+            }
+        }
+        wait_until_not_sampling(stack).await?;
+        warm = started.elapsed();
     }
     tokio::time::sleep(opts.warmup.saturating_sub(warm)).await;
 
@@ -383,11 +436,22 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
                 let before = read_counters(stack, use_proc).await?;
                 let mut building = 0.0;
                 if profiling && opts.subject == Subject::Profiling {
-                    building = profile_all(stack, window_s, opts.hz).await?;
+                    let started = Instant::now();
+                    let each = opts.profile_seconds.clamp(1, window_s);
+                    while started.elapsed() + Duration::from_secs(each)
+                        <= Duration::from_secs(window_s) + Duration::from_millis(500)
+                    {
+                        building += profile_all(stack, each, opts.hz).await?;
+                    }
                 } else {
                     tokio::time::sleep(Duration::from_secs(window_s)).await;
                 }
                 let after = read_counters(stack, use_proc).await?;
+                if profiling && opts.subject == Subject::Profiling {
+                    // The profilers linger for a next profile, then stop; their stop is a one-off
+                    // of a profiling session and must not land in the next window.
+                    wait_until_not_sampling(stack).await?;
+                }
                 let mut w = window(windows.len(), profiling, stack, &before, &after, opts.rate);
                 w.profile_building_cpu_seconds = building;
                 if let Some((agent, _, _)) = &probes {
@@ -426,13 +490,14 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
     } else {
         "gateway_metrics"
     };
-    let report = summarize(
+    let mut report = summarize(
         opts,
         stack.services.iter().map(|s| s.name.clone()).collect(),
         if use_proc { "proc" } else { "metrics" },
         orders_source,
         windows,
     );
+    report.warmup_building_cpu_seconds = warmup_building;
     if let Some(dir) = opts.json.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -694,6 +759,7 @@ pub fn summarize(
         window_s: opts.window.as_secs_f64(),
         pairs: opts.pairs,
         hz: opts.hz,
+        profile_s: opts.profile_seconds,
         services,
         cpu_source: cpu_source.into(),
         orders_source: orders_source.into(),
@@ -707,6 +773,7 @@ pub fn summarize(
         throughput_loss_pct: round3(throughput_loss),
         profile_building_pct: round3(building_pct),
         direct_pct: round3(direct_pct),
+        warmup_building_cpu_seconds: 0.0,
         off_noise_pct: round3(off_noise),
         agent_cpu_pct: round3(pct_of_off(agent_cpu)),
         ebpf_run_pct: round3(pct_of_off(ebpf_run)),
@@ -750,6 +817,7 @@ mod tests {
             window: Duration::from_secs(10),
             pairs: 2,
             hz: 99,
+            profile_seconds: 10,
             warmup: Duration::from_secs(5),
             json: PathBuf::from("x.json"),
             seed: 1,

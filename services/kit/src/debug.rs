@@ -540,27 +540,186 @@ pub async fn cpu_profile_measured(
     let (_alive, wait) = std::sync::mpsc::channel::<()>();
     let task = tokio::task::spawn_blocking(move || {
         let _slot = slot;
-        let guard = pprof::ProfilerGuardBuilder::default()
-            .frequency(hz)
-            .build()?;
-        if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = wait.recv_timeout(duration) {
+        let cpu_at_start = thread_cpu_time();
+        let (session, baseline) = Session::resume(hz)?;
+        let setup = elapsed_cpu(cpu_at_start);
+        let waited = wait.recv_timeout(duration);
+        // The raw stacks (addresses) are copied out under the profiler's lock — samples that
+        // arrive meanwhile are dropped — and symbolized outside it.
+        let started = thread_cpu_time();
+        let result = session.guard.report().build_unresolved();
+        let (raw, end) = match result {
+            Ok(end) => (since(&end, baseline.as_ref(), duration, hz), Some(end)),
+            Err(e) => (Err(ProfileError::from(e)), None),
+        };
+        session.park(end);
+        if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = waited {
             return Err(ProfileError::Cancelled);
         }
-        // The raw stacks (addresses) are copied out under the profiler's lock — samples that
-        // arrive meanwhile are dropped — and symbolized after the profiler stopped, so the
-        // report does not profile its own making.
-        let started = thread_cpu_time();
-        let raw = guard.report().build_unresolved()?;
-        drop(guard);
-        let profile = build_profile(&raw, hz);
-        let spent = match (started, thread_cpu_time()) {
-            (Some(a), Some(b)) => b.saturating_sub(a),
-            _ => Duration::ZERO,
-        };
-        Ok((profile, spent))
+        let profile = build_profile(&raw?, hz);
+        Ok((profile, setup + elapsed_cpu(started)))
     });
     task.await
         .map_err(|e| ProfileError::Failed(format!("profiling task: {e}")))?
+}
+
+/// CPU time this thread used since `start` (zero when unknown).
+fn elapsed_cpu(start: Option<Duration>) -> Duration {
+    match (start, thread_cpu_time()) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        _ => Duration::ZERO,
+    }
+}
+
+/// A running pprof-rs profiler kept between CPU profiles.
+///
+/// Starting pprof-rs is cheap, but stopping it is not: it replaces its sample table (about
+/// 18 MiB: 4,096 buckets of four 128-frame stacks) with a fresh one, which costs tens of
+/// milliseconds of page faults every time. Continuous profiling asks for a profile every few
+/// seconds, so the profiler is kept running for [`SESSION_LINGER`] after each profile; a
+/// profile that starts meanwhile takes the counts at its start as a baseline and reports only
+/// what was sampled after it. A session is renewed after [`SESSION_MAX_AGE`] (pprof-rs spills
+/// stacks that do not fit its table to a file that only grows while it runs).
+struct Session {
+    guard: pprof::ProfilerGuard<'static>,
+    hz: i32,
+    born: std::time::Instant,
+    /// Which parking this is: a linger timer only stops the session it was set for.
+    epoch: u64,
+    /// The counts at the end of the last profile, and when they were taken.
+    last: Option<(std::time::Instant, pprof::UnresolvedReport)>,
+}
+
+/// A profile that starts within this time of the previous one's end continues from it: the
+/// samples taken in between (the client's round trip) count in the new profile, so back-to-back
+/// profiles leave no gap.
+const BACK_TO_BACK: Duration = Duration::from_secs(1);
+
+/// The parked session, if one lingers.
+static SESSION: std::sync::Mutex<Option<Session>> = std::sync::Mutex::new(None);
+
+/// Gauge: 1 while pprof-rs samples this process (a profile runs or the profiler lingers after
+/// one), else 0.
+pub const SAMPLING_GAUGE: &str = "debug_pprof_sampling";
+
+/// How long the profiler keeps sampling after a profile, waiting for the next one.
+pub const SESSION_LINGER: Duration = Duration::from_secs(15);
+
+/// Age after which a parked session is stopped rather than resumed.
+pub const SESSION_MAX_AGE: Duration = Duration::from_secs(600);
+
+impl Session {
+    /// The parked session if it samples at `hz` and is young enough (with a snapshot of its
+    /// counts so far), else a new one (no baseline needed).
+    fn resume(hz: i32) -> Result<(Session, Option<pprof::UnresolvedReport>), ProfileError> {
+        let parked = SESSION
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        metrics::gauge!(SAMPLING_GAUGE).set(1.0);
+        if let Some(mut session) = parked {
+            if session.hz == hz && session.born.elapsed() < SESSION_MAX_AGE {
+                // Back to back (a continuous profiler): the previous profile's end is this
+                // one's start, and copying the counts out again is saved.
+                let baseline = match session.last.take() {
+                    Some((at, end)) if at.elapsed() < BACK_TO_BACK => end,
+                    _ => session.guard.report().build_unresolved()?,
+                };
+                return Ok((session, Some(baseline)));
+            }
+            drop(session);
+        }
+        let guard = pprof::ProfilerGuardBuilder::default()
+            .frequency(hz)
+            .build()?;
+        Ok((
+            Session {
+                guard,
+                hz,
+                born: std::time::Instant::now(),
+                epoch: 0,
+                last: None,
+            },
+            None,
+        ))
+    }
+
+    /// Parks the session (with the counts at the end of the profile just taken) and sets a
+    /// timer that stops it unless a profile resumed it first.
+    fn park(mut self, end: Option<pprof::UnresolvedReport>) {
+        self.last = end.map(|r| (std::time::Instant::now(), r));
+        static EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let epoch = EPOCH.fetch_add(1, Ordering::SeqCst);
+        self.epoch = epoch;
+        *SESSION
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(self);
+        let timer = std::thread::Builder::new()
+            .name("pprof-linger".into())
+            .spawn(move || {
+                std::thread::sleep(SESSION_LINGER);
+                let expired = {
+                    let mut parked = SESSION
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    match parked.as_ref() {
+                        Some(s) if s.epoch == epoch => parked.take(),
+                        _ => None,
+                    }
+                };
+                if expired.is_some() {
+                    drop(expired);
+                    metrics::gauge!(SAMPLING_GAUGE).set(0.0);
+                }
+            });
+        if timer.is_err() {
+            // No thread for the timer: stop now rather than sample forever.
+            drop(
+                SESSION
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take(),
+            );
+            metrics::gauge!(SAMPLING_GAUGE).set(0.0);
+        }
+    }
+}
+
+/// Whether a profiler session is parked between profiles (still sampling).
+pub fn session_lingering() -> bool {
+    SESSION
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .is_some()
+}
+
+/// The samples of `now` that are not in `baseline` (counts only grow while a session runs),
+/// timed as one profile of `duration` at `hz`.
+fn since(
+    now: &pprof::UnresolvedReport,
+    baseline: Option<&pprof::UnresolvedReport>,
+    duration: Duration,
+    hz: i32,
+) -> Result<pprof::UnresolvedReport, ProfileError> {
+    let Some(base) = baseline else {
+        return Ok(pprof::UnresolvedReport {
+            data: now.data.clone(),
+            timing: now.timing.clone(),
+        });
+    };
+    let data = now
+        .data
+        .iter()
+        .filter_map(|(frames, count)| {
+            let new = count - base.data.get(frames).copied().unwrap_or(0);
+            (new > 0).then(|| (frames.clone(), new))
+        })
+        .collect();
+    let mut timing = now.timing.clone();
+    timing.frequency = hz;
+    timing.start_time = std::time::SystemTime::now() - duration;
+    timing.duration = duration;
+    Ok(pprof::UnresolvedReport { data, timing })
 }
 
 /// One function at an address: demangled and qualified name, source file, line.
@@ -1381,7 +1540,19 @@ mod tests {
         }
     }
 
-    /// Runs `kit_debug_test_burn` on a thread until the returned guard is dropped.
+    /// Like [`kit_debug_test_burn`], in a function of its own.
+    #[inline(never)]
+    fn kit_debug_test_spin(stop: &AtomicBool, sink: &AtomicU64) {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        while !stop.load(Ordering::Relaxed) {
+            for _ in 0..10_000 {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            }
+            sink.fetch_add(x >> 63, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs a burn function on a thread until the returned guard is dropped.
     struct Burner {
         stop: Arc<AtomicBool>,
         thread: Option<std::thread::JoinHandle<()>>,
@@ -1389,11 +1560,15 @@ mod tests {
 
     impl Burner {
         fn start() -> Burner {
+            Burner::running(kit_debug_test_burn)
+        }
+
+        fn running(work: fn(&AtomicBool, &AtomicU64)) -> Burner {
             let stop = Arc::new(AtomicBool::new(false));
             let s = stop.clone();
             let thread = std::thread::Builder::new()
                 .name("burner".into())
-                .spawn(move || kit_debug_test_burn(&s, &AtomicU64::new(0)))
+                .spawn(move || work(&s, &AtomicU64::new(0)))
                 .expect("spawn");
             Burner {
                 stop,
@@ -1478,6 +1653,56 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resumed_profiler_reports_only_its_own_window() {
+        let _turn = PROFILE_LOCK.lock().await;
+        async fn folded() -> String {
+            let resp = app(None)
+                .oneshot(request(
+                    "/debug/pprof/profile?seconds=1&format=collapsed&hz=97",
+                    Some(LOOPBACK),
+                    None,
+                ))
+                .await
+                .expect("infallible");
+            assert_eq!(resp.status(), StatusCode::OK);
+            String::from_utf8_lossy(&body(resp).await).into_owned()
+        }
+        // (pprof-rs keys stacks by thread id and function addresses; a thread that reuses a
+        // finished one's id keeps that one's name, so functions tell the windows apart.)
+        let samples_in = |text: &str, function: &str| -> u64 {
+            text.lines()
+                .filter_map(|l| l.rsplit_once(' '))
+                .filter(|(stack, _)| {
+                    stack
+                        .split(';')
+                        .any(|f| f.ends_with(&format!("::{function}")))
+                })
+                .filter_map(|(_, n)| n.parse::<u64>().ok())
+                .sum()
+        };
+        let first = {
+            let _a = Burner::running(kit_debug_test_burn);
+            folded().await
+        };
+        let a_before = samples_in(&first, "kit_debug_test_burn");
+        assert!(a_before >= 20, "a busy second at 97 Hz: {first}");
+        assert!(
+            session_lingering(),
+            "the profiler keeps running for the next profile"
+        );
+        let _b = Burner::running(kit_debug_test_spin);
+        let second = folded().await;
+        assert!(samples_in(&second, "kit_debug_test_spin") >= 20, "{second}");
+        // Back to back, the second profile starts where the first ended: only the few
+        // milliseconds between them (stopping the first burner) can add samples of it.
+        let a_after = samples_in(&second, "kit_debug_test_burn");
+        assert!(
+            a_after <= 3,
+            "samples from before the second profile are subtracted ({a_before} before, {a_after} after): {second}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -54,6 +54,7 @@ pub fn install() -> PrometheusHandle {
             // Fails only if another recorder was installed first, which nothing here does.
             let _ = metrics::set_global_recorder(recorder);
             describe_shared();
+            metrics::gauge!(crate::debug::SAMPLING_GAUGE).set(0.0);
             handle
         })
         .clone()
@@ -107,6 +108,10 @@ fn describe_shared() {
         "dependency_request_duration_seconds",
         Unit::Seconds,
         "Duration of outbound calls (HTTP, AMQP publish with confirm, SQL transaction), by dependency, operation and result."
+    );
+    describe_gauge!(
+        crate::debug::SAMPLING_GAUGE,
+        "1 while the CPU profiler samples this process (a profile runs, or it lingers for the next one), else 0."
     );
     describe_gauge!(
         "spool_entries",
