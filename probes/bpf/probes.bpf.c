@@ -453,19 +453,10 @@ static __always_inline void mark_runnable(__u32 tid)
 	bpf_map_update_elem(&runq_start, &tid, &now, BPF_ANY);
 }
 
-SEC("tracepoint/sched/sched_wakeup")
-int sched_wakeup(struct tp_sched_wakeup *ctx)
+/* wake_up_new_task runs in the parent: a new thread or child process of a tracked task belongs
+ * to the same component until the agent's next scan says otherwise. */
+static __always_inline void on_inherit(__u32 tid)
 {
-	mark_runnable((__u32)ctx->pid);
-	return 0;
-}
-
-SEC("tracepoint/sched/sched_wakeup_new")
-int sched_wakeup_new(struct tp_sched_wakeup *ctx)
-{
-	__u32 tid = (__u32)ctx->pid;
-	/* wake_up_new_task runs in the parent: a new thread or child process of a tracked task
-	 * belongs to the same component until the agent's next scan says otherwise. */
 	__u64 id = bpf_get_current_pid_tgid();
 	__u32 parent = (__u32)id;
 	__u32 parent_tgid = id >> 32;
@@ -476,23 +467,19 @@ int sched_wakeup_new(struct tp_sched_wakeup *ctx)
 		__u32 comp = *c;
 		bpf_map_update_elem(&tracked, &tid, &comp, BPF_NOEXIST);
 	}
-	mark_runnable(tid);
-	return 0;
 }
 
-SEC("tracepoint/sched/sched_switch")
-int sched_switch(struct tp_sched_switch *ctx)
+/* `involuntary`: prev was still runnable (preempted or throttled), so it is back on the run
+ * queue from now on. */
+static __always_inline void on_switch(__u32 prev, __u32 next, int involuntary)
 {
-	__u32 prev = (__u32)ctx->prev_pid;
-	__u32 next = (__u32)ctx->next_pid;
 	__u32 comp;
 	__u64 now = bpf_ktime_get_ns();
 
 	if (prev && component_of(prev, &comp) && comp < MAX_COMPONENTS) {
 		struct runq_val *v = bpf_map_lookup_elem(&runq, &comp);
 		if (v) {
-			if ((ctx->prev_state & TASK_STATE_MASK) == 0) {
-				/* still runnable: preempted (or throttled), back on the run queue */
+			if (involuntary) {
 				v->involuntary += 1;
 				bpf_map_update_elem(&runq_start, &prev, &now, BPF_ANY);
 			} else {
@@ -502,14 +489,120 @@ int sched_switch(struct tp_sched_switch *ctx)
 	}
 
 	if (!next)
-		return 0;
+		return;
 	__u64 *start = bpf_map_lookup_elem(&runq_start, &next);
 	if (!start)
-		return 0;
+		return;
 	__u64 delta = now - *start;
 	bpf_map_delete_elem(&runq_start, &next);
 	if ((__s64)delta < 0 || !component_of(next, &comp) || comp >= MAX_COMPONENTS)
+		return;
+	struct runq_val *v = bpf_map_lookup_elem(&runq, &comp);
+	if (!v)
+		return;
+	__u32 slot = log2_slot(delta);
+	if (slot < HIST_SLOTS)
+		v->slots[slot] += 1;
+	v->sum_ns += delta;
+	v->count += 1;
+}
+
+/* BTF-enabled raw tracepoints (tp_btf), attached when the kernel has BTF: the kernel hands the
+ * programs its own arguments (task pointers) without formatting a trace record, and each task
+ * carries its own state in task-local storage: the wakeup time and its component, cached
+ * until the agent changes the filter (settings.generation). Per event that is one storage
+ * access instead of hash-map lookups, updates and deletes. */
+struct task_struct {
+	int pid;
+} __attribute__((preserve_access_index));
+
+struct task_info {
+	__u64 runq_ts; /* when it became runnable; 0 when not waiting */
+	__u32 comp;    /* component + 1; 0: not tracked */
+	__u32 gen;     /* settings.generation + 1 when comp was decided; 0: never */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct task_info);
+} task_infos SEC(".maps");
+
+static __always_inline struct task_info *info_of(struct task_struct *p)
+{
+	struct task_info *ti = bpf_task_storage_get(&task_infos, p, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!ti)
 		return 0;
+	__u32 zero = 0;
+	struct settings *s = bpf_map_lookup_elem(&settings, &zero);
+	__u32 gen = s ? s->generation + 1 : 1;
+	if (ti->gen != gen) {
+		__u32 comp;
+		__u32 tid = (__u32)p->pid;
+		ti->comp = (tid && component_of(tid, &comp)) ? comp + 1 : 0;
+		ti->gen = gen;
+	}
+	return ti;
+}
+
+SEC("tp_btf/sched_wakeup")
+int sched_wakeup_btf(__u64 *ctx)
+{
+	struct task_struct *p = (struct task_struct *)ctx[0];
+	struct task_info *ti = info_of(p);
+	if (ti && ti->comp)
+		ti->runq_ts = bpf_ktime_get_ns();
+	return 0;
+}
+
+SEC("tp_btf/sched_wakeup_new")
+int sched_wakeup_new_btf(__u64 *ctx)
+{
+	struct task_struct *p = (struct task_struct *)ctx[0];
+	/* Inherit the parent's component first: the child's storage is new, so info_of looks
+	 * its component up. */
+	on_inherit((__u32)p->pid);
+	struct task_info *ti = info_of(p);
+	if (ti && ti->comp)
+		ti->runq_ts = bpf_ktime_get_ns();
+	return 0;
+}
+
+/* TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
+ *          unsigned int prev_state) since Linux 5.18. */
+SEC("tp_btf/sched_switch")
+int sched_switch_btf(__u64 *ctx)
+{
+	int preempt = (int)(ctx[0] & 1);
+	struct task_struct *prev = (struct task_struct *)ctx[1];
+	struct task_struct *next = (struct task_struct *)ctx[2];
+	__u32 prev_state = (__u32)ctx[3];
+	__u64 now = bpf_ktime_get_ns();
+
+	struct task_info *pi = info_of(prev);
+	if (pi && pi->comp) {
+		__u32 comp = pi->comp - 1;
+		struct runq_val *v = bpf_map_lookup_elem(&runq, &comp);
+		if (v) {
+			if (preempt || (prev_state & TASK_STATE_MASK) == 0) {
+				v->involuntary += 1;
+				pi->runq_ts = now;
+			} else {
+				v->voluntary += 1;
+			}
+		}
+	}
+
+	/* No storage is created for `next`: a task that has none was never marked runnable. */
+	struct task_info *ni = bpf_task_storage_get(&task_infos, next, 0, 0);
+	if (!ni || !ni->runq_ts || !ni->comp)
+		return 0;
+	__u64 delta = now - ni->runq_ts;
+	ni->runq_ts = 0;
+	if ((__s64)delta < 0)
+		return 0;
+	__u32 comp = ni->comp - 1;
 	struct runq_val *v = bpf_map_lookup_elem(&runq, &comp);
 	if (!v)
 		return 0;
@@ -518,6 +611,31 @@ int sched_switch(struct tp_sched_switch *ctx)
 		v->slots[slot] += 1;
 	v->sum_ns += delta;
 	v->count += 1;
+	return 0;
+}
+
+/* Classic tracepoints: the fallback without kernel BTF. */
+SEC("tracepoint/sched/sched_wakeup")
+int sched_wakeup(struct tp_sched_wakeup *ctx)
+{
+	mark_runnable((__u32)ctx->pid);
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_wakeup_new")
+int sched_wakeup_new(struct tp_sched_wakeup *ctx)
+{
+	on_inherit((__u32)ctx->pid);
+	mark_runnable((__u32)ctx->pid);
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_switch")
+int sched_switch(struct tp_sched_switch *ctx)
+{
+	/* prev_state: bits below TASK_REPORT_MAX are sleep states; none set means still runnable. */
+	on_switch((__u32)ctx->prev_pid, (__u32)ctx->next_pid,
+		  (ctx->prev_state & TASK_STATE_MASK) == 0);
 	return 0;
 }
 

@@ -28,10 +28,11 @@
 /* `settings` array, index 0. */
 struct settings {
 	__u32 track_all; /* 1: run-queue probes track every task (as component 0) */
-	__u32 pad;
+	__u32 generation; /* bumped by the agent whenever `tracked` or track_all changed */
 };
 SIZE(settings, 8)
 LAYOUT(settings, track_all, 0, 4)
+LAYOUT(settings, generation, 4, 4)
 
 /* `retrans` key: one TCP flow (local side in saddr/sport) in one TCP state. */
 struct flow_key {

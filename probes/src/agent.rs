@@ -235,9 +235,7 @@ impl Agent {
         if !kernel.attached("runqueue") && !kernel.attached("oom") {
             return Ok(());
         }
-        kernel
-            .set_track_all(track_all)
-            .context("switching the run-queue filter")?;
+        kernel.set_track_all(track_all);
         let current = kernel.tracked();
         let mut full = false;
         for (&tid, &comp) in &desired {
@@ -261,7 +259,9 @@ impl Agent {
                 kernel.untrack(*tid);
             }
         }
-        Ok(())
+        kernel
+            .commit_filter()
+            .context("switching the run-queue filter")
     }
 
     /// Decodes and applies every event waiting in the ring buffer.

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::TracePoint;
+use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::layout::{self, Tracepoint};
@@ -38,6 +38,10 @@ pub struct Probe {
     pub what: &'static str,
     /// (program symbol in the object, tracepoint).
     pub programs: &'static [(&'static str, Tracepoint)],
+    /// The same work as BTF-enabled raw tracepoints (program symbol, tracepoint name), attached
+    /// instead of `programs` when the kernel has BTF: no trace record is formatted for them,
+    /// which matters on the scheduler's hot path. Empty: classic tracepoints only.
+    pub btf_programs: &'static [(&'static str, &'static str)],
 }
 
 /// Every probe, in attach order.
@@ -46,11 +50,13 @@ pub const PROBES: &[Probe] = &[
         name: "tcp_retransmit",
         what: "TCP retransmits per flow and state",
         programs: &[("tcp_retransmit_skb", layout::TCP_RETRANSMIT_SKB)],
+        btf_programs: &[],
     },
     Probe {
         name: "tcp_lifecycle",
         what: "connect attempts, time to establish, failed connects, connection lifetime",
         programs: &[("inet_sock_set_state", layout::INET_SOCK_SET_STATE)],
+        btf_programs: &[],
     },
     Probe {
         name: "tcp_resets",
@@ -59,6 +65,7 @@ pub const PROBES: &[Probe] = &[
             ("tcp_receive_reset", layout::TCP_RECEIVE_RESET),
             ("tcp_send_reset", layout::TCP_SEND_RESET),
         ],
+        btf_programs: &[],
     },
     Probe {
         name: "runqueue",
@@ -68,6 +75,11 @@ pub const PROBES: &[Probe] = &[
             ("sched_wakeup_new", layout::SCHED_WAKEUP_NEW),
             ("sched_switch", layout::SCHED_SWITCH),
         ],
+        btf_programs: &[
+            ("sched_wakeup_btf", "sched_wakeup"),
+            ("sched_wakeup_new_btf", "sched_wakeup_new"),
+            ("sched_switch_btf", "sched_switch"),
+        ],
     },
     Probe {
         name: "block_io",
@@ -76,11 +88,13 @@ pub const PROBES: &[Probe] = &[
             ("block_rq_issue", layout::BLOCK_RQ_ISSUE),
             ("block_rq_complete", layout::BLOCK_RQ_COMPLETE),
         ],
+        btf_programs: &[],
     },
     Probe {
         name: "oom",
         what: "OOM kills with the victim's pid, command and memory",
         programs: &[("oom_mark_victim", layout::MARK_VICTIM)],
+        btf_programs: &[],
     },
 ];
 
@@ -131,8 +145,17 @@ fn describe_chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
+/// What the scheduler programs filter on, as last published to the `settings` map.
+struct Filter {
+    track_all: bool,
+    generation: u32,
+    /// `tracked` or `track_all` changed since the last publish.
+    dirty: bool,
+}
+
 /// The loaded object, its maps, and what got attached.
 pub struct Kernel {
+    filter: Filter,
     ebpf: Ebpf,
     tracked: BpfHashMap<MapData, u32, u32>,
     settings: Array<MapData, SettingsBytes>,
@@ -214,6 +237,8 @@ impl Kernel {
         // program then counts each retransmitted skb as one segment.
         let have_btf = u32::from(std::path::Path::new(BTF_PATH).is_file());
         let mut ebpf = EbpfLoader::new()
+            // `task_infos` (task-local storage) has no typed API in aya; only the programs use it.
+            .allow_unsupported_maps()
             .override_global("retrans_has_err", &retrans_has_err, true)
             .override_global("have_btf", &have_btf, true)
             .load(OBJECT)
@@ -230,15 +255,10 @@ impl Kernel {
 
         for probe in ok_probes {
             match attach_probe(&mut ebpf, probe) {
-                Ok(()) => status.push(ProbeStatus {
+                Ok(detail) => status.push(ProbeStatus {
                     probe: probe.name,
                     attached: true,
-                    detail: probe
-                        .programs
-                        .iter()
-                        .map(|(_, tp)| tp.id())
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    detail,
                 }),
                 Err(e) => {
                     if is_permission_error(e.as_ref()) {
@@ -290,6 +310,11 @@ impl Kernel {
             ebpf,
             status,
             stats_fd,
+            filter: Filter {
+                track_all: false,
+                generation: 0,
+                dirty: true,
+            },
         })
     }
 
@@ -364,11 +389,32 @@ impl Kernel {
             .unwrap_or(0)
     }
 
-    /// Makes the scheduler probes track every task (no lab state) or only `tracked` ones.
-    pub fn set_track_all(&mut self, on: bool) -> anyhow::Result<()> {
+    /// Makes the scheduler probes track every task (no lab state) or only `tracked` ones
+    /// (from the next [`Kernel::commit_filter`]).
+    pub fn set_track_all(&mut self, on: bool) {
+        if self.filter.track_all != on {
+            self.filter.track_all = on;
+            self.filter.dirty = true;
+        }
+    }
+
+    /// Publishes the filter: when `tracked` or track-all changed since the last commit, bumps
+    /// the generation the programs compare with the one cached per task, so every task's
+    /// component is looked up again.
+    pub fn commit_filter(&mut self) -> anyhow::Result<()> {
+        if !self.filter.dirty {
+            return Ok(());
+        }
+        self.filter.generation = self.filter.generation.wrapping_add(1);
         self.settings
-            .set(0, wire::encode_settings(on), 0)
-            .context("writing the settings map")
+            .set(
+                0,
+                wire::encode_settings(self.filter.track_all, self.filter.generation),
+                0,
+            )
+            .context("writing the settings map")?;
+        self.filter.dirty = false;
+        Ok(())
     }
 
     /// Current `tracked` entries (tid -> component index).
@@ -377,12 +423,14 @@ impl Kernel {
     }
 
     pub fn track(&mut self, tid: u32, component: u32) -> anyhow::Result<()> {
+        self.filter.dirty = true;
         self.tracked
             .insert(tid, component, 0)
             .with_context(|| format!("tracking tid {tid}"))
     }
 
     pub fn untrack(&mut self, tid: u32) {
+        self.filter.dirty = true;
         // Already gone is fine: the entry may have been removed concurrently.
         let _ = self.tracked.remove(&tid);
     }
@@ -423,7 +471,27 @@ pub fn shorten_verifier_log(message: &str) -> String {
     format!("{}verifier: {tail}", head.trim_end())
 }
 
-fn attach_probe(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<()> {
+/// Attaches a probe's programs: its BTF raw tracepoints when it has them and the kernel takes
+/// them, else its classic tracepoints. Returns what got attached.
+fn attach_probe(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<String> {
+    if !probe.btf_programs.is_empty() {
+        match attach_btf(ebpf, probe) {
+            Ok(()) => {
+                return Ok(probe
+                    .btf_programs
+                    .iter()
+                    .map(|(_, tp)| format!("tp_btf/{tp}"))
+                    .collect::<Vec<_>>()
+                    .join(", "));
+            }
+            Err(e) => {
+                if is_permission_error(e.as_ref()) {
+                    return Err(e);
+                }
+                tracing::info!(probe = probe.name, error = %format!("{e:#}"), "BTF raw tracepoints unavailable; attaching classic tracepoints");
+            }
+        }
+    }
     for (symbol, tp) in probe.programs {
         let what = format!("attaching {}", tp.id());
         let program: &mut TracePoint = ebpf
@@ -439,5 +507,49 @@ fn attach_probe(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<()> {
             .attach(tp.category, tp.name)
             .with_context(|| what.clone())?;
     }
-    Ok(())
+    Ok(probe
+        .programs
+        .iter()
+        .map(|(_, tp)| tp.id())
+        .collect::<Vec<_>>()
+        .join(", "))
+}
+
+/// Loads and attaches all of a probe's BTF raw tracepoints, or none (what got attached before
+/// a failure is detached again).
+fn attach_btf(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<()> {
+    let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    let mut attached = Vec::new();
+    let mut result = Ok(());
+    for (symbol, tp) in probe.btf_programs {
+        let step = (|| -> anyhow::Result<_> {
+            let program: &mut BtfTracePoint = ebpf
+                .program_mut(symbol)
+                .with_context(|| format!("program `{symbol}` is missing from the eBPF object"))?
+                .try_into()
+                .with_context(|| format!("program `{symbol}` is not a tp_btf program"))?;
+            program
+                .load(tp, &btf)
+                .with_context(|| format!("loading program `{symbol}` for tp_btf/{tp}"))?;
+            program
+                .attach()
+                .with_context(|| format!("attaching tp_btf/{tp}"))
+        })();
+        match step {
+            Ok(link) => attached.push((*symbol, link)),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    if result.is_err() {
+        for (symbol, link) in attached {
+            if let Some(Ok(program)) = ebpf.program_mut(symbol).map(<&mut BtfTracePoint>::try_from)
+            {
+                let _ = program.detach(link);
+            }
+        }
+    }
+    result
 }

@@ -22,6 +22,7 @@ pub const AF_INET6: u16 = 10;
 pub mod off {
     pub const SETTINGS_SIZE: usize = 8;
     pub const SETTINGS_TRACK_ALL: usize = 0;
+    pub const SETTINGS_GENERATION: usize = 4;
 
     pub const FLOW_KEY_SIZE: usize = 40;
     pub const FLOW_SADDR: usize = 0;
@@ -360,10 +361,12 @@ impl BlkVal {
 }
 
 /// Encodes the `settings` value.
-pub fn encode_settings(track_all: bool) -> SettingsBytes {
+pub fn encode_settings(track_all: bool, generation: u32) -> SettingsBytes {
     let mut b = [0u8; off::SETTINGS_SIZE];
     b[off::SETTINGS_TRACK_ALL..off::SETTINGS_TRACK_ALL + 4]
         .copy_from_slice(&u32::from(track_all).to_le_bytes());
+    b[off::SETTINGS_GENERATION..off::SETTINGS_GENERATION + 4]
+        .copy_from_slice(&generation.to_le_bytes());
     b
 }
 
@@ -516,6 +519,7 @@ pub fn reset_reason_name(reason: u32) -> &'static str {
 #[cfg(test)]
 const SHARED_LAYOUT: &[(&str, &str, usize, usize)] = &[
     ("settings", "track_all", off::SETTINGS_TRACK_ALL, 4),
+    ("settings", "generation", off::SETTINGS_GENERATION, 4),
     ("flow_key", "saddr", off::FLOW_SADDR, 16),
     ("flow_key", "daddr", off::FLOW_DADDR, 16),
     ("flow_key", "sport", off::FLOW_SPORT, 2),

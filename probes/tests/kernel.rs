@@ -1125,8 +1125,15 @@ fn the_agent_serves_metrics_events_and_health() {
         Duration::from_secs(10),
         || {
             let (status, metrics) = http_get(addr, "/metrics");
-            (metrics.contains("probes_program_runs_total{program=\"sched_switch\"}")
-                && metrics.contains("probes_runqueue_latency_seconds_count{component=\"unknown\"}"))
+            // tp_btf where the kernel has BTF, else the classic tracepoint.
+            let program = if std::path::Path::new(probes::kernel::BTF_PATH).is_file() {
+                "sched_switch_btf"
+            } else {
+                "sched_switch"
+            };
+            (metrics.contains(&format!(
+                "probes_program_runs_total{{program=\"{program}\"}}"
+            )) && metrics.contains("probes_runqueue_latency_seconds_count{component=\"unknown\"}"))
             .then_some((status, metrics))
         },
     );
