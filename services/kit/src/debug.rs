@@ -1106,9 +1106,12 @@ fn strip_allocator_frames(profile: &mut Profile) {
 // ---------------------------------------------------------------------------------------------
 // Working with pprof profiles.
 
-/// Gzip-compresses the protobuf encoding of `profile`, as `go tool pprof` expects it.
+/// Gzip-compresses the protobuf encoding of `profile`, as `go tool pprof` expects it. The
+/// fastest level: under continuous profiling the default level was a third of the cost of
+/// building a profile; the fastest is 2.6 times quicker for files about a fifth larger (an
+/// engine profile of 156 KB: 33.7 KB instead of 28.6 KB).
 pub fn encode_pprof(profile: &Profile) -> Vec<u8> {
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     // Writing to a Vec cannot fail.
     let _ = gz.write_all(&profile.encode_to_vec());
     gz.finish().unwrap_or_default()
