@@ -546,13 +546,18 @@ static __always_inline struct task_info *info_of(struct task_struct *p)
 	return ti;
 }
 
-SEC("tp_btf/sched_wakeup")
-int sched_wakeup_btf(__u64 *ctx)
+/* A tracked task became runnable: its run-queue wait starts now. */
+static __always_inline void task_runnable(struct task_struct *p)
 {
-	struct task_struct *p = (struct task_struct *)ctx[0];
 	struct task_info *ti = info_of(p);
 	if (ti && ti->comp)
 		ti->runq_ts = bpf_ktime_get_ns();
+}
+
+SEC("tp_btf/sched_wakeup")
+int sched_wakeup_btf(__u64 *ctx)
+{
+	task_runnable((struct task_struct *)ctx[0]);
 	return 0;
 }
 
@@ -563,9 +568,7 @@ int sched_wakeup_new_btf(__u64 *ctx)
 	/* Inherit the parent's component first: the child's storage is new, so info_of looks
 	 * its component up. */
 	on_inherit((__u32)p->pid);
-	struct task_info *ti = info_of(p);
-	if (ti && ti->comp)
-		ti->runq_ts = bpf_ktime_get_ns();
+	task_runnable(p);
 	return 0;
 }
 

@@ -471,6 +471,19 @@ pub fn shorten_verifier_log(message: &str) -> String {
     format!("{}verifier: {tail}", head.trim_end())
 }
 
+/// The program `symbol` of the object as a `kind` program.
+fn program<'a, T>(ebpf: &'a mut Ebpf, symbol: &str, kind: &str) -> anyhow::Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+    <&'a mut T as TryFrom<&'a mut aya::programs::Program>>::Error:
+        std::error::Error + Send + Sync + 'static,
+{
+    ebpf.program_mut(symbol)
+        .with_context(|| format!("program `{symbol}` is missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program `{symbol}` is not a {kind} program"))
+}
+
 /// Attaches a probe's programs: its BTF raw tracepoints when it has them and the kernel takes
 /// them, else its classic tracepoints. Returns what got attached.
 fn attach_probe(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<String> {
@@ -494,11 +507,7 @@ fn attach_probe(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<String> {
     }
     for (symbol, tp) in probe.programs {
         let what = format!("attaching {}", tp.id());
-        let program: &mut TracePoint = ebpf
-            .program_mut(symbol)
-            .with_context(|| format!("program `{symbol}` is missing from the eBPF object"))?
-            .try_into()
-            .with_context(|| format!("program `{symbol}` is not a tracepoint program"))?;
+        let program: &mut TracePoint = program(ebpf, symbol, "tracepoint")?;
         program
             .load()
             .with_context(|| format!("loading program `{symbol}` (verifier)"))
@@ -523,11 +532,7 @@ fn attach_btf(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<()> {
     let mut result = Ok(());
     for (symbol, tp) in probe.btf_programs {
         let step = (|| -> anyhow::Result<_> {
-            let program: &mut BtfTracePoint = ebpf
-                .program_mut(symbol)
-                .with_context(|| format!("program `{symbol}` is missing from the eBPF object"))?
-                .try_into()
-                .with_context(|| format!("program `{symbol}` is not a tp_btf program"))?;
+            let program: &mut BtfTracePoint = program(ebpf, symbol, "tp_btf")?;
             program
                 .load(tp, &btf)
                 .with_context(|| format!("loading program `{symbol}` for tp_btf/{tp}"))?;
