@@ -96,7 +96,7 @@ struct OverheadArgs {
     /// Fixed load in orders per second.
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
-    /// Length of each on/off window (one profile per service per "on" window, like `profile-cpu`).
+    /// Length of each on/off window ("on": back-to-back profiles of `--profile` per service).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     window: Duration,
     /// Number of (off, on) pairs, alternated ABBA.
