@@ -547,16 +547,22 @@ pub async fn cpu_profile_measured(
         // The raw stacks (addresses) are copied out under the profiler's lock — samples that
         // arrive meanwhile are dropped — and symbolized outside it.
         let started = thread_cpu_time();
-        let result = session.guard.report().build_unresolved();
-        let (raw, end) = match result {
-            Ok(end) => (since(&end, baseline.as_ref(), duration, hz), Some(end)),
-            Err(e) => (Err(ProfileError::from(e)), None),
+        let end = match session.guard.report().build_unresolved() {
+            Ok(end) => end,
+            Err(e) => {
+                session.park(None);
+                return Err(e.into());
+            }
         };
-        session.park(end);
-        if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = waited {
+        // A profile whose client went away is not built, but its end still serves as the
+        // next profile's baseline.
+        let cancelled = matches!(waited, Err(std::sync::mpsc::RecvTimeoutError::Disconnected));
+        let raw = (!cancelled).then(|| since(&end, baseline.as_ref(), duration, hz));
+        session.park(Some(end));
+        let Some(raw) = raw else {
             return Err(ProfileError::Cancelled);
-        }
-        let profile = build_profile(&raw?, hz);
+        };
+        let profile = build_profile(&raw, hz);
         Ok((profile, setup + elapsed_cpu(started)))
     });
     task.await
@@ -700,12 +706,12 @@ fn since(
     baseline: Option<&pprof::UnresolvedReport>,
     duration: Duration,
     hz: i32,
-) -> Result<pprof::UnresolvedReport, ProfileError> {
+) -> pprof::UnresolvedReport {
     let Some(base) = baseline else {
-        return Ok(pprof::UnresolvedReport {
+        return pprof::UnresolvedReport {
             data: now.data.clone(),
             timing: now.timing.clone(),
-        });
+        };
     };
     let data = now
         .data
@@ -719,7 +725,7 @@ fn since(
     timing.frequency = hz;
     timing.start_time = std::time::SystemTime::now() - duration;
     timing.duration = duration;
-    Ok(pprof::UnresolvedReport { data, timing })
+    pprof::UnresolvedReport { data, timing }
 }
 
 /// One function at an address: demangled and qualified name, source file, line.
