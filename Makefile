@@ -22,7 +22,7 @@ down: ## stop the stack started by `make demo` and everything it started
 	target/release/lab down
 
 test: ## fmt check, clippy -D warnings, and every test (installs what the tests need)
-	scripts/ensure-deps test && $(CARGO) fmt --all --check && $(CARGO) clippy --workspace --all-targets -- -D warnings && $(CARGO) build --workspace --bins && $(CARGO) test --workspace
+	scripts/ensure-deps test && $(CARGO) fmt --all --check && $(CARGO) clippy --workspace --all-targets -- -D warnings && $(CARGO) test --workspace
 
 fmt: ## format the code
 	$(CARGO) fmt --all

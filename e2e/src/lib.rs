@@ -2,7 +2,7 @@
 //! free ports in a folder under `target/e2e/`, and helpers to talk to it.
 //!
 //! The services' binaries come from the `target/<profile>` folder this test binary was built
-//! into; `make test` builds them (`cargo build --workspace --bins`) before running tests.
+//! into; `cargo test --workspace` (what `make test` runs) builds them with the tests.
 
 use anyhow::{Context, bail};
 use lab::{Component, Lab, LabConfig};
@@ -22,7 +22,7 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
     for bin in ["matching-engine", "persistence", "order-gateway"] {
         if !dir.join(bin).is_file() {
             bail!(
-                "{} is missing: build the services first (`cargo build --workspace --bins`, which `make test` does)",
+                "{} is missing: build the services first (`cargo build --workspace --bins`; `cargo test --workspace` and `make test` build them)",
                 dir.join(bin).display()
             );
         }
@@ -32,11 +32,15 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
 
 /// A fresh lab root under `target/e2e/`, readable by the `postgres` user (it runs the cluster
 /// when we are root).
+///
+/// Roots named `<name>-<pid>` whose process has exited are removed first: the last run's data
+/// stays for inspection until the next run of the same name, and repeated runs do not pile up
+/// (each root holds a PostgreSQL cluster and a RabbitMQ node, ~150 MB).
 pub fn lab_root(name: &str) -> anyhow::Result<PathBuf> {
     let target = bin_dir()?.parent().context("no target folder")?.to_owned();
-    let root = target
-        .join("e2e")
-        .join(format!("{name}-{}", std::process::id()));
+    let parent = target.join("e2e");
+    remove_stale_roots(&parent, name);
+    let root = parent.join(format!("{name}-{}", std::process::id()));
     if root.exists() {
         std::fs::remove_dir_all(&root).with_context(|| format!("clearing {}", root.display()))?;
     }
@@ -49,6 +53,31 @@ pub fn lab_root(name: &str) -> anyhow::Result<PathBuf> {
         }
     }
     Ok(root)
+}
+
+/// Removes `<parent>/<name>-<pid>` folders whose process no longer runs (best effort: a folder
+/// that cannot be removed is left, with a warning).
+fn remove_stale_roots(parent: &std::path::Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(name)?.strip_prefix('-'))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && let Err(e) = std::fs::remove_dir_all(entry.path()) {
+            eprintln!(
+                "warning: could not remove old lab root {}: {e}",
+                entry.path().display()
+            );
+        }
+    }
 }
 
 /// Starts the exchange (PostgreSQL, RabbitMQ, engine, persistence, gateway) on free ports.
