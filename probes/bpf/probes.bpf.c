@@ -668,6 +668,32 @@ static __always_inline __u32 classify(const char *rwbs)
 	}
 }
 
+/* Adds one completed request to the per-(device, operation) histogram. */
+static __always_inline void blk_account(__u32 dev, __u32 op, __u64 bytes, __u64 delta, int failed)
+{
+	struct blk_key hk = {};
+	hk.dev = dev;
+	hk.op = op;
+	struct blk_val *v = bpf_map_lookup_elem(&blk, &hk);
+	if (!v) {
+		struct blk_val zero = {};
+		bpf_map_update_elem(&blk, &hk, &zero, BPF_NOEXIST);
+		v = bpf_map_lookup_elem(&blk, &hk);
+		if (!v) {
+			count(CTR_MAP_FULL);
+			return;
+		}
+	}
+	__u32 slot = log2_slot(delta);
+	if (slot < HIST_SLOTS)
+		__sync_fetch_and_add(&v->slots[slot], 1);
+	__sync_fetch_and_add(&v->sum_ns, delta);
+	__sync_fetch_and_add(&v->count, 1);
+	__sync_fetch_and_add(&v->bytes, bytes);
+	if (failed)
+		__sync_fetch_and_add(&v->errors, 1);
+}
+
 SEC("tracepoint/block/block_rq_issue")
 int block_rq_issue(struct tp_block_rq_issue *ctx)
 {
@@ -693,30 +719,105 @@ int block_rq_complete(struct tp_block_rq_complete *ctx)
 	if (!start)
 		return 0;
 	__u64 delta = bpf_ktime_get_ns() - start->ts;
-	struct blk_key hk = {};
-	hk.dev = ctx->dev;
-	hk.op = start->op;
+	__u32 op = start->op;
 	__u64 bytes = start->bytes;
 	bpf_map_delete_elem(&blk_start, &key);
+	blk_account(ctx->dev, op, bytes, delta, ctx->error != 0);
+	return 0;
+}
 
-	struct blk_val *v = bpf_map_lookup_elem(&blk, &hk);
-	if (!v) {
-		struct blk_val zero = {};
-		bpf_map_update_elem(&blk, &hk, &zero, BPF_NOEXIST);
-		v = bpf_map_lookup_elem(&blk, &hk);
-		if (!v) {
-			count(CTR_MAP_FULL);
-			return 0;
-		}
+/* BTF raw tracepoints for block I/O: the kernel hands over its `struct request` without
+ * formatting a trace record (the classic record builds the rwbs string and copies the command
+ * on every issue and completion). The request's address keys its start while it is in flight;
+ * the LRU bound drops requests whose completion never came (requeued, driver reset). */
+struct gendisk {
+	int major;
+	int first_minor;
+} __attribute__((preserve_access_index));
+
+struct request_queue {
+	struct gendisk *disk;
+} __attribute__((preserve_access_index));
+
+struct request {
+	struct request_queue *q;
+	__u32 cmd_flags;
+	unsigned int __data_len;
+} __attribute__((preserve_access_index));
+
+/* enum req_op: the low 8 bits of cmd_flags. */
+#define REQ_OP_MASK 0xff
+#define REQ_OP_READ 0
+#define REQ_OP_WRITE 1
+#define REQ_OP_FLUSH 2
+#define REQ_OP_DISCARD 3
+/* The kernel's dev_t as the classic tracepoints print it (MKDEV). */
+#define MINORBITS 20
+
+struct blk_rq_start {
+	__u64 ts;
+	__u32 bytes;
+	__u32 op;
+	__u32 dev;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u64);
+	__type(value, struct blk_rq_start);
+} blk_inflight SEC(".maps");
+
+static __always_inline __u32 classify_op(__u32 cmd_flags)
+{
+	switch (cmd_flags & REQ_OP_MASK) {
+	case REQ_OP_READ:
+		return OP_READ;
+	case REQ_OP_WRITE:
+		return OP_WRITE;
+	case REQ_OP_FLUSH:
+		return OP_FLUSH;
+	case REQ_OP_DISCARD:
+		return OP_DISCARD;
+	default:
+		return OP_OTHER;
 	}
-	__u32 slot = log2_slot(delta);
-	if (slot < HIST_SLOTS)
-		__sync_fetch_and_add(&v->slots[slot], 1);
-	__sync_fetch_and_add(&v->sum_ns, delta);
-	__sync_fetch_and_add(&v->count, 1);
-	__sync_fetch_and_add(&v->bytes, bytes);
-	if (ctx->error)
-		__sync_fetch_and_add(&v->errors, 1);
+}
+
+/* TP_PROTO(struct request *rq) since Linux 5.11. */
+SEC("tp_btf/block_rq_issue")
+int block_rq_issue_btf(__u64 *ctx)
+{
+	struct request *rq = (struct request *)ctx[0];
+	__u64 key = (__u64)rq;
+	struct blk_rq_start val = {};
+	val.ts = bpf_ktime_get_ns();
+	val.bytes = rq->__data_len;
+	val.op = classify_op(rq->cmd_flags);
+	struct gendisk *disk = rq->q->disk;
+	if (disk)
+		val.dev = ((__u32)disk->major << MINORBITS) | (__u32)disk->first_minor;
+	if (bpf_map_update_elem(&blk_inflight, &key, &val, BPF_ANY))
+		count(CTR_MAP_FULL);
+	return 0;
+}
+
+/* TP_PROTO(struct request *rq, blk_status_t error, unsigned int nr_bytes). */
+SEC("tp_btf/block_rq_complete")
+int block_rq_complete_btf(__u64 *ctx)
+{
+	__u64 key = ctx[0];
+	int failed = (__u8)ctx[1] != 0;
+	struct blk_rq_start *start = bpf_map_lookup_elem(&blk_inflight, &key);
+	if (!start)
+		return 0;
+	__u64 delta = bpf_ktime_get_ns() - start->ts;
+	__u32 dev = start->dev;
+	__u32 op = start->op;
+	__u64 bytes = start->bytes;
+	bpf_map_delete_elem(&blk_inflight, &key);
+	blk_account(dev, op, bytes, delta, failed);
 	return 0;
 }
 

@@ -88,7 +88,10 @@ pub const PROBES: &[Probe] = &[
             ("block_rq_issue", layout::BLOCK_RQ_ISSUE),
             ("block_rq_complete", layout::BLOCK_RQ_COMPLETE),
         ],
-        btf_programs: &[],
+        btf_programs: &[
+            ("block_rq_issue_btf", "block_rq_issue"),
+            ("block_rq_complete_btf", "block_rq_complete"),
+        ],
     },
     Probe {
         name: "oom",

@@ -1011,6 +1011,19 @@ fn fsynced_writes_fill_the_block_io_histogram() {
     assert!(metrics.contains(&format!(
         "probes_block_io_bytes_total{{device=\"{device}\",op=\"write\"}}"
     )));
+    // tp_btf where the kernel has BTF (no trace record formatted per request), else classic.
+    let attached = agent
+        .probe_status()
+        .into_iter()
+        .find(|s| s.probe == "block_io")
+        .expect("block_io status")
+        .detail;
+    let want = if std::path::Path::new(probes::kernel::BTF_PATH).is_file() {
+        "tp_btf/block_rq_complete"
+    } else {
+        "block:block_rq_complete"
+    };
+    assert!(attached.contains(want), "attached {attached}, want {want}");
 }
 
 /// (requests, bytes) of writes per device.
