@@ -8,7 +8,10 @@
 //!   counters, program statistics), every `poll_interval`; a flow whose retransmit count grew
 //!   since the previous poll becomes a `retransmit_burst` event.
 //! * [`Agent::refresh`]: re-read the lab state, rescan `/proc`, and sync the kernel's
-//!   `tracked` map, every `refresh_interval`.
+//!   `tracked` map: every `refresh_interval` when the lab state file changed (a component
+//!   started, restarted or stopped), else every `rescan_interval` (threads and children
+//!   created in between are already followed by the kernel: they inherit their parent's
+//!   component at `sched_wakeup_new`).
 //!
 //! Lock order: `kernel` before `inner`; neither is held across a `/proc` scan.
 
@@ -39,7 +42,10 @@ pub struct AgentOptions {
     /// Capacity of the `/events` ring.
     pub events_capacity: usize,
     pub poll_interval: Duration,
+    /// How often the lab state file is checked for changes (a change triggers a refresh).
     pub refresh_interval: Duration,
+    /// Longest time between two refreshes when the lab state file does not change.
+    pub rescan_interval: Duration,
     /// Attach only these probes (all when `None`).
     pub probes: Option<Vec<String>>,
     /// Attribute sockets through `/proc/PID/fd` (costs a directory read per lab process).
@@ -62,6 +68,7 @@ impl Default for AgentOptions {
             events_capacity: crate::events::DEFAULT_CAPACITY,
             poll_interval: Duration::from_secs(1),
             refresh_interval: Duration::from_secs(2),
+            rescan_interval: Duration::from_secs(10),
             probes: None,
             scan_sockets: true,
             socket_scan_interval: Duration::from_secs(15),
@@ -92,6 +99,8 @@ pub struct Agent {
     /// Serialises refreshes (the background task and tests may both call it); holds when the
     /// sockets were last scanned.
     refresh_lock: Mutex<Option<std::time::Instant>>,
+    /// The last refresh: when, and the lab state file's (modified time, length) then.
+    last_refresh: Mutex<Option<(std::time::Instant, Option<(SystemTime, u64)>)>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -151,6 +160,7 @@ impl Agent {
                 undecodable: 0,
             }),
             refresh_lock: Mutex::new(None),
+            last_refresh: Mutex::new(None),
             options,
         };
         agent.refresh().map_err(LoadError::Other)?;
@@ -174,8 +184,37 @@ impl Agent {
         }
     }
 
+    /// The lab state file's (modified time, length), if it exists.
+    fn lab_state_fingerprint(&self) -> Option<(SystemTime, u64)> {
+        let meta = std::fs::metadata(self.lab_state_path()?).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    }
+
+    /// Refreshes when the lab state file changed since the last refresh or `rescan_interval`
+    /// passed; returns whether it did. A rescan reads `/proc` for every process on the host
+    /// (the process tree), so it is not repeated when nothing says the lab changed.
+    pub fn refresh_if_due(&self) -> anyhow::Result<bool> {
+        let fingerprint = self.lab_state_fingerprint();
+        let due = lock(&self.last_refresh).is_none_or(|(at, seen)| {
+            seen != fingerprint || at.elapsed() >= self.options.rescan_interval
+        });
+        if due {
+            self.refresh()?;
+        }
+        Ok(due)
+    }
+
     /// Re-reads the lab state, rebuilds attribution and syncs the kernel's task filter.
     pub fn refresh(&self) -> anyhow::Result<()> {
+        // Taken before reading the state: a change made while this refresh runs is seen by
+        // the next check.
+        let fingerprint = self.lab_state_fingerprint();
+        let result = self.rebuild();
+        *lock(&self.last_refresh) = Some((std::time::Instant::now(), fingerprint));
+        result
+    }
+
+    fn rebuild(&self) -> anyhow::Result<()> {
         let mut last_scan = lock(&self.refresh_lock);
         let scan_now = self.options.scan_sockets
             && last_scan.is_none_or(|t| t.elapsed() >= self.options.socket_scan_interval);
@@ -394,8 +433,8 @@ impl Agent {
                 _ = poll_tick.tick() => self.poll(),
                 _ = refresh_tick.tick() => {
                     let agent = Arc::clone(&self);
-                    match tokio::task::spawn_blocking(move || agent.refresh()).await {
-                        Ok(Ok(())) => {}
+                    match tokio::task::spawn_blocking(move || agent.refresh_if_due()).await {
+                        Ok(Ok(_)) => {}
                         Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "refreshing the lab view"),
                         Err(e) => tracing::warn!(error = %e, "refresh task failed"),
                     }
@@ -469,9 +508,16 @@ impl Inner {
             }
             EventKind::ResetReceived | EventKind::ResetSent => {
                 let comp = self.name(self.view.tcp(e.tgid, e.src, e.sport));
-                self.aggregates
-                    .resets
-                    .add((comp.clone(), dst.clone()), 1, other);
+                // A reset received names the server that refused or dropped us: its port says
+                // which service. A reset sent goes to a client, mostly a refused connect to a
+                // port nobody listens on, whose port is ephemeral: a new series per connect
+                // attempt. The metric keeps only its address; `/events` has the port.
+                let peer = if e.kind == EventKind::ResetSent {
+                    wire::endpoint_any_port(e.dst)
+                } else {
+                    dst.clone()
+                };
+                self.aggregates.resets.add((comp.clone(), peer), 1, other);
                 let detail = if e.kind == EventKind::ResetReceived {
                     format!("reset received from {dst}")
                 } else {

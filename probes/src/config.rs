@@ -56,7 +56,10 @@ pub struct AgentConfig {
     /// Capacity of the `/events` ring.
     pub events_capacity: usize,
     pub poll_interval_ms: u64,
+    /// How often the lab state file is checked for changes (a change triggers a rescan).
     pub refresh_interval_ms: u64,
+    /// Longest time between two rescans of `/proc` when the lab state does not change.
+    pub rescan_interval_ms: u64,
     /// Attribute sockets by scanning lab processes' file descriptors.
     pub scan_sockets: bool,
 }
@@ -70,6 +73,7 @@ impl Default for AgentConfig {
             events_capacity: d.events_capacity,
             poll_interval_ms: d.poll_interval.as_millis() as u64,
             refresh_interval_ms: d.refresh_interval.as_millis() as u64,
+            rescan_interval_ms: d.rescan_interval.as_millis() as u64,
             scan_sockets: true,
         }
     }
@@ -98,6 +102,12 @@ impl Validate for ProbesConfig {
                 "must be between 100 and 600000",
             ));
         }
+        if !(a.refresh_interval_ms..=600_000).contains(&a.rescan_interval_ms) {
+            return Err(ConfigError::invalid(
+                "agent.rescan_interval_ms",
+                "must be between agent.refresh_interval_ms and 600000",
+            ));
+        }
         Ok(())
     }
 }
@@ -111,6 +121,7 @@ impl ProbesConfig {
             events_capacity: self.agent.events_capacity,
             poll_interval: Duration::from_millis(self.agent.poll_interval_ms),
             refresh_interval: Duration::from_millis(self.agent.refresh_interval_ms),
+            rescan_interval: Duration::from_millis(self.agent.rescan_interval_ms),
             scan_sockets: self.agent.scan_sockets,
             ..AgentOptions::default()
         }
@@ -135,6 +146,15 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("agent.poll_interval_ms")
+        );
+        assert_eq!(o.rescan_interval, Duration::from_secs(10));
+        let mut bad = c.clone();
+        bad.agent.rescan_interval_ms = bad.agent.refresh_interval_ms - 1;
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("agent.rescan_interval_ms")
         );
     }
 }

@@ -170,6 +170,16 @@ pub fn endpoint(addr: Option<IpAddr>, port: u16) -> String {
     }
 }
 
+/// `addr` with any port, `10.0.0.1:*`: an endpoint label that does not grow with ephemeral
+/// ports.
+pub fn endpoint_any_port(addr: Option<IpAddr>) -> String {
+    match addr {
+        Some(IpAddr::V6(a)) => format!("[{a}]:*"),
+        Some(IpAddr::V4(a)) => format!("{a}:*"),
+        None => "?:*".to_string(),
+    }
+}
+
 /// A TCP flow seen by the retransmit probe; `src` is the local (sending) side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {

@@ -661,6 +661,25 @@ fn failed_connects_are_counted_with_their_destination() {
         a.resets.get(&(gw.clone(), closed.to_string())) >= 1,
         "the refusal's reset"
     );
+    // The refusing kernel's reset goes to the connecting side's ephemeral port: counted under
+    // its address only, so refused connects do not add a series each.
+    let client_any_port = format!("{}:*", net.addr_a);
+    assert!(
+        a.resets
+            .values
+            .keys()
+            .any(|(_, dst)| *dst == client_any_port),
+        "a sent reset to {client_any_port}: {:?}",
+        a.resets.values
+    );
+    assert!(
+        a.resets
+            .values
+            .keys()
+            .all(|(_, dst)| !dst.starts_with(&format!("{}:", net.addr_a)) || dst.ends_with(":*")),
+        "no reset series per client port: {:?}",
+        a.resets.values
+    );
     let failed: &Log2Hist = &a.connect_duration[&(gw.clone(), "failed")];
     assert_eq!(failed.count, 5);
     assert_eq!(
@@ -1024,6 +1043,41 @@ fn fsynced_writes_fill_the_block_io_histogram() {
         "block:block_rq_complete"
     };
     assert!(attached.contains(want), "attached {attached}, want {want}");
+}
+
+/// The background refresh rescans `/proc` only when the lab state file changed (or the rescan
+/// interval passed): a restarted component (new pid in the state file) is picked up at the next
+/// check, and an unchanged lab costs no scan.
+#[test]
+fn a_changed_lab_state_triggers_a_rescan_and_an_unchanged_one_does_not() {
+    let test = "a_changed_lab_state_triggers_a_rescan_and_an_unchanged_one_does_not";
+    if !root_or_skip(test) {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let me = std::process::id();
+    let state = lab_state(
+        dir.path(),
+        serde_json::json!([{"name": "order-gateway", "status": "ready", "ports": {}}]),
+    );
+    let agent = start_agent(&["oom"], state);
+    assert_eq!(agent.options().rescan_interval, Duration::from_secs(10));
+    assert!(
+        !agent.refresh_if_due().expect("refresh"),
+        "nothing changed since the start: no rescan"
+    );
+    assert_eq!(agent.component_of_pid(me), None);
+    lab_state(
+        dir.path(),
+        serde_json::json!([{"name": "order-gateway", "status": "ready", "pid": me, "ports": {}}]),
+    );
+    assert!(
+        agent.refresh_if_due().expect("refresh"),
+        "the state file changed: rescan"
+    );
+    assert_eq!(agent.component_of_pid(me).as_deref(), Some("order-gateway"));
+    assert!(!agent.refresh_if_due().expect("refresh"));
 }
 
 /// (requests, bytes) of writes per device.
