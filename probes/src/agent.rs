@@ -100,8 +100,11 @@ pub struct Agent {
     /// sockets were last scanned.
     refresh_lock: Mutex<Option<std::time::Instant>>,
     /// The last refresh: when, and the lab state file's (modified time, length) then.
-    last_refresh: Mutex<Option<(std::time::Instant, Option<(SystemTime, u64)>)>>,
+    last_refresh: Mutex<Option<(std::time::Instant, Option<Fingerprint>)>>,
 }
+
+/// A file's (modified time, length): changes when the lab rewrites its state.
+type Fingerprint = (SystemTime, u64);
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -185,7 +188,7 @@ impl Agent {
     }
 
     /// The lab state file's (modified time, length), if it exists.
-    fn lab_state_fingerprint(&self) -> Option<(SystemTime, u64)> {
+    fn lab_state_fingerprint(&self) -> Option<Fingerprint> {
         let meta = std::fs::metadata(self.lab_state_path()?).ok()?;
         Some((meta.modified().ok()?, meta.len()))
     }
