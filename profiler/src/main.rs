@@ -112,6 +112,11 @@ struct OverheadArgs {
     /// continuously meanwhile, so their first symbolization is not in the windows.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     warmup: Duration,
+    /// With `--subject profiling`: after the windows, profile back to back this long (one
+    /// whole pprof-rs session and its renewal: the steady state of a continuous profiler);
+    /// 0s skips it [default: kit's session age plus two profiles].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    steady: Option<Duration>,
     /// Where to write the JSON report [default: target/bench/<subject>-overhead.json].
     #[arg(long)]
     json: Option<PathBuf>,
@@ -294,6 +299,9 @@ async fn overhead_cmd(a: OverheadArgs) -> anyhow::Result<()> {
         hz: a.hz,
         profile_seconds: a.profile.as_secs().max(1),
         warmup: a.warmup,
+        steady: a.steady.unwrap_or(
+            kit::debug::SESSION_MAX_AGE + 2 * Duration::from_secs(a.profile.as_secs().max(1)),
+        ),
         json: a
             .json
             .unwrap_or_else(|| format!("target/bench/{}-overhead.json", subject.name()).into()),
@@ -326,11 +334,19 @@ async fn overhead_cmd(a: OverheadArgs) -> anyhow::Result<()> {
         r.throughput_loss_pct,
     );
     match subject {
-        Subject::Profiling => println!(
-            "measured inside the services: building the profiles costs {:.2} % of their CPU (the warm-up's profiles, first symbolization included: {:.0} ms of CPU, once per process)",
-            r.profile_building_pct,
-            r.warmup_building_cpu_seconds * 1e3
-        ),
+        Subject::Profiling => {
+            println!(
+                "measured inside the services: building the \"on\" windows' profiles costs {:.2} % of their CPU (the warm-up's profiles, first symbolization included: {:.0} ms of CPU, once per process)",
+                r.profile_building_pct,
+                r.warmup_building_cpu_seconds * 1e3
+            );
+            if let Some(st) = &r.steady {
+                println!(
+                    "steady state ({} back-to-back profiles per service over {:.0} s, session renewal included): {:.2} % of their CPU",
+                    st.profiles, st.seconds, r.steady_building_pct
+                );
+            }
+        }
         Subject::ProbesAgent => {
             println!(
                 "measured directly: the agent's own CPU {:.3} %, the eBPF programs' kernel run time {:.3} % of the services' CPU ({:.3} % of one CPU)",

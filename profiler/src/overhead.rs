@@ -76,8 +76,23 @@ pub struct OverheadOptions {
     /// first symbolization of its code is not charged to the "on" windows (it is reported
     /// as `warmup_building_cpu_seconds`).
     pub warmup: Duration,
+    /// Profiling subject: after the windows, profile back to back for this long and charge
+    /// every profile's building cost, session renewals included (kit renews its pprof-rs
+    /// session every `SESSION_MAX_AGE`, and a session's profiles cost more the older it is):
+    /// the steady state of a continuous profiler, which the short "on" windows (a fresh
+    /// session each) cannot show. Zero: skipped.
+    pub steady: Duration,
     pub json: PathBuf,
     pub seed: u64,
+}
+
+/// The steady-state phase of the profiling subject (see [`OverheadOptions::steady`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Steady {
+    pub seconds: f64,
+    pub profiles: usize,
+    /// CPU seconds the services reported for building the phase's profiles.
+    pub building_cpu_seconds: f64,
 }
 
 /// The target: continuous profiling costs at most this much CPU per order.
@@ -157,6 +172,13 @@ pub struct Report {
     /// bound for profiling (it leaves out the signal handler's unwinding).
     #[serde(default)]
     pub direct_pct: f64,
+    /// Profiling subject: the steady-state phase, when it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steady: Option<Steady>,
+    /// Profiling subject: the steady-state phase's building CPU relative to the services' CPU
+    /// over as long in an "off" window, in percent (`direct_pct` when the phase ran).
+    #[serde(default)]
+    pub steady_building_pct: f64,
     /// Profiling subject: CPU seconds the services spent building the warm-up's profiles
     /// (first symbolization of their code: a one-off per process, outside the windows).
     #[serde(default)]
@@ -302,6 +324,34 @@ async fn profile_all(stack: &Stack, seconds: u64, hz: u32) -> anyhow::Result<f64
         spent += t.await.context("profile task")??;
     }
     Ok(spent)
+}
+
+/// The steady-state phase: back-to-back profiles of every service for `opts.steady`.
+async fn steady_phase(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Steady> {
+    eprintln!(
+        "  steady state: back-to-back {} s profiles for {} s (one pprof-rs session and its renewal)",
+        opts.profile_seconds,
+        opts.steady.as_secs()
+    );
+    let started = Instant::now();
+    let (mut building, mut profiles) = (0.0, 0);
+    while started.elapsed() + Duration::from_secs(opts.profile_seconds)
+        <= opts.steady + Duration::from_millis(500)
+    {
+        building += profile_all(stack, opts.profile_seconds, opts.hz).await?;
+        profiles += 1;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    wait_until_not_sampling(stack).await?;
+    eprintln!(
+        "  steady state: {profiles} profiles per service, {:.0} ms of building CPU in {seconds:.0} s",
+        building * 1e3
+    );
+    Ok(Steady {
+        seconds,
+        profiles,
+        building_cpu_seconds: building,
+    })
 }
 
 /// Waits until no service's CPU profiler samples any more (`debug_pprof_sampling` 0 on all),
@@ -472,6 +522,19 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
         Ok(())
     }
     .await;
+    let steady = match &result {
+        Ok(()) if opts.subject == Subject::Profiling && !opts.steady.is_zero() => {
+            match steady_phase(stack, opts).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    let _ = stop_tx.send(());
+                    let _ = load.await;
+                    return Err(e);
+                }
+            }
+        }
+        _ => None,
+    };
     let _ = stop_tx.send(());
     let _ = load.await;
     if let Some((agent, was_running, stats)) = probes {
@@ -496,6 +559,7 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
         if use_proc { "proc" } else { "metrics" },
         orders_source,
         windows,
+        steady,
     );
     report.warmup_building_cpu_seconds = warmup_building;
     if let Some(dir) = opts.json.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -644,6 +708,7 @@ pub fn summarize(
     cpu_source: &str,
     orders_source: &str,
     windows: Vec<Window>,
+    steady: Option<Steady>,
 ) -> Report {
     let off_w: Vec<&Window> = windows.iter().filter(|w| !w.profiling).collect();
     let on_w: Vec<&Window> = windows.iter().filter(|w| w.profiling).collect();
@@ -731,8 +796,17 @@ pub fn summarize(
             *by_program.entry(p.clone()).or_insert(0.0) += per_sec * 1e3 / on_w.len() as f64;
         }
     }
+    // The steady state, relative to the services' CPU over as long without profiling.
+    let off_seconds = mean(&off_w.iter().map(|w| w.seconds).collect::<Vec<_>>());
+    let steady_pct = match steady {
+        Some(st) if off_cpu > 0.0 && off_seconds > 0.0 && st.seconds > 0.0 => {
+            st.building_cpu_seconds / (off_cpu / off_seconds * st.seconds) * 100.0
+        }
+        _ => 0.0,
+    };
     // What was measured directly (free of the host's noise): a lower bound of the overhead.
     let direct_pct = match opts.subject {
+        Subject::Profiling if steady.is_some() => steady_pct,
         Subject::Profiling => building_pct,
         Subject::ProbesAgent => pct_of_off(agent_cpu) + pct_of_off(ebpf_run),
     };
@@ -773,6 +847,8 @@ pub fn summarize(
         throughput_loss_pct: round3(throughput_loss),
         profile_building_pct: round3(building_pct),
         direct_pct: round3(direct_pct),
+        steady,
+        steady_building_pct: round3(steady_pct),
         warmup_building_cpu_seconds: 0.0,
         off_noise_pct: round3(off_noise),
         agent_cpu_pct: round3(pct_of_off(agent_cpu)),
@@ -819,6 +895,7 @@ mod tests {
             hz: 99,
             profile_seconds: 10,
             warmup: Duration::from_secs(5),
+            steady: Duration::ZERO,
             json: PathBuf::from("x.json"),
             seed: 1,
         }
@@ -838,6 +915,7 @@ mod tests {
             "proc",
             "gateway_metrics",
             windows,
+            None,
         );
         assert_eq!(r.off.windows, 2);
         assert_eq!(r.on.windows, 2);
@@ -861,6 +939,7 @@ mod tests {
             "proc",
             "gateway_metrics",
             heavy,
+            None,
         );
         assert!(
             r.verdict.starts_with("inconclusive"),
@@ -884,10 +963,52 @@ mod tests {
             "proc",
             "gateway_metrics",
             costly,
+            None,
         );
         assert_eq!(r.cpu_overhead_pct, 0.0);
         assert!((r.direct_pct - 5.0).abs() < 1e-6, "{}", r.direct_pct);
         assert!(r.verdict.starts_with("above target"), "{}", r.verdict);
+    }
+
+    /// The steady-state phase, when it ran, is the direct measure: its building CPU over the
+    /// services' CPU in as long an "off" stretch.
+    #[test]
+    fn the_steady_state_is_the_direct_measure_when_it_ran() {
+        let windows = vec![
+            w(0, false, 1000.0, 1.0),
+            w(1, true, 1000.0, 1.0),
+            w(2, true, 1000.0, 1.0),
+            w(3, false, 1000.0, 1.0),
+        ];
+        // Off windows: 1 CPU-second per 10 s. 200 s of steady state, 0.3 s of building: 1.5 %.
+        let steady = Steady {
+            seconds: 200.0,
+            profiles: 19,
+            building_cpu_seconds: 0.3,
+        };
+        let r = summarize(
+            &opts(),
+            vec!["order-gateway".into()],
+            "proc",
+            "gateway_metrics",
+            windows.clone(),
+            Some(steady),
+        );
+        assert!((r.steady_building_pct - 1.5).abs() < 1e-6, "{r:?}");
+        assert_eq!(r.direct_pct, r.steady_building_pct);
+        // The windows alone (4 ms per "on" window of 1 CPU-second) say 0.4 %.
+        assert!((r.profile_building_pct - 0.4).abs() < 1e-6);
+        assert!(r.verdict.starts_with("above target"), "{}", r.verdict);
+        let without = summarize(
+            &opts(),
+            vec!["order-gateway".into()],
+            "proc",
+            "gateway_metrics",
+            windows,
+            None,
+        );
+        assert_eq!(without.direct_pct, without.profile_building_pct);
+        assert_eq!(without.steady, None);
     }
 
     #[test]
@@ -923,6 +1044,7 @@ mod tests {
             "proc",
             "gateway_metrics",
             windows,
+            None,
         );
         assert_eq!(r.subject, "probes");
         assert_eq!(r.target_pct, PROBES_TARGET_PCT);

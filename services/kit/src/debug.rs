@@ -612,7 +612,13 @@ pub const SAMPLING_GAUGE: &str = "debug_pprof_sampling";
 pub const SESSION_LINGER: Duration = Duration::from_secs(15);
 
 /// Age after which a parked session is stopped rather than resumed.
-pub const SESSION_MAX_AGE: Duration = Duration::from_secs(600);
+///
+/// Each profile copies out everything the session has counted so far (pprof-rs has no
+/// "since"), so a profile costs more the older its session is: measured on the gateway at
+/// 100 orders/s with back-to-back 10 s profiles, from ~7 ms of CPU in a fresh session to
+/// ~30 ms after 10 minutes, and ~75 ms once to stop a session and start the next. 180 s
+/// minimizes the mean per profile (~15 ms, against ~22 ms with 600 s).
+pub const SESSION_MAX_AGE: Duration = Duration::from_secs(180);
 
 impl Session {
     /// The parked session if it samples at `hz` and is young enough (with a snapshot of its
