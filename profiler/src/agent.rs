@@ -27,6 +27,8 @@ pub struct AgentReading {
     pub cpu_seconds: Option<f64>,
     /// Kernel run time per eBPF program, seconds since the agent loaded them.
     pub programs: BTreeMap<String, f64>,
+    /// Runs per eBPF program since the agent loaded them.
+    pub runs: BTreeMap<String, f64>,
 }
 
 impl Agent {
@@ -96,7 +98,7 @@ impl Agent {
         else {
             return Ok(AgentReading {
                 cpu_seconds,
-                programs: BTreeMap::new(),
+                ..AgentReading::default()
             });
         };
         let url = format!("{}/metrics", url.trim_end_matches('/'));
@@ -113,16 +115,18 @@ impl Agent {
             .with_context(|| format!("reading {url}"))?;
         Ok(AgentReading {
             cpu_seconds,
-            programs: program_run_seconds(&text),
+            programs: per_program(&text, "probes_program_run_seconds_total"),
+            runs: per_program(&text, "probes_program_runs_total"),
         })
     }
 }
 
-/// `probes_program_run_seconds_total{program="p"} v` lines, by program.
-pub fn program_run_seconds(text: &str) -> BTreeMap<String, f64> {
+/// `<metric>{program="p"} v` lines, by program.
+pub fn per_program(text: &str, metric: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
+    let prefix = format!("{metric}{{");
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("probes_program_run_seconds_total{") else {
+        let Some(rest) = line.strip_prefix(prefix.as_str()) else {
             continue;
         };
         let Some((labels, value)) = rest.rsplit_once('}') else {
@@ -179,10 +183,13 @@ mod tests {
             probes_program_run_seconds_total{program=\"sched_switch\"} 0.125\n\
             probes_program_run_seconds_total{program=\"tcp_retransmit\"} 0\n\
             probes_program_runs_total{program=\"sched_switch\"} 1000\n";
-        let p = program_run_seconds(text);
+        let p = per_program(text, "probes_program_run_seconds_total");
         assert_eq!(p.len(), 2);
         assert_eq!(p["sched_switch"], 0.125);
         assert_eq!(p["tcp_retransmit"], 0.0);
-        assert!(program_run_seconds("garbage{").is_empty());
+        let runs = per_program(text, "probes_program_runs_total");
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs["sched_switch"], 1000.0);
+        assert!(per_program("garbage{", "garbage").is_empty());
     }
 }

@@ -353,7 +353,15 @@ async fn overhead_cmd(a: OverheadArgs) -> anyhow::Result<()> {
                 r.agent_cpu_pct, r.ebpf_run_pct, r.ebpf_run_cpu_share_pct
             );
             for (p, ms) in &r.ebpf_run_ms_per_sec_by_program {
-                println!("  {p:<28} {ms:>8.3} ms per second");
+                match (
+                    r.ebpf_runs_per_sec_by_program.get(p),
+                    r.ebpf_ns_per_run_by_program.get(p),
+                ) {
+                    (Some(runs), Some(ns)) => println!(
+                        "  {p:<28} {ms:>8.3} ms per second ({runs:>9.0} runs/s, {ns:>6.0} ns per run)"
+                    ),
+                    _ => println!("  {p:<28} {ms:>8.3} ms per second"),
+                }
             }
         }
     }

@@ -120,6 +120,9 @@ pub struct Window {
     /// Kernel run time of each eBPF program during this window (probes subject, "on" windows).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub ebpf_run_seconds: std::collections::BTreeMap<String, f64>,
+    /// Runs of each eBPF program during this window.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ebpf_runs: std::collections::BTreeMap<String, f64>,
 }
 
 /// Means over the windows of one side.
@@ -201,6 +204,12 @@ pub struct Report {
     /// Probes subject: mean kernel run time of each program, milliseconds per second of window.
     #[serde(default)]
     pub ebpf_run_ms_per_sec_by_program: std::collections::BTreeMap<String, f64>,
+    /// Probes subject: runs of each program per second, and its run time per run (ns), over
+    /// the "on" windows.
+    #[serde(default)]
+    pub ebpf_runs_per_sec_by_program: std::collections::BTreeMap<String, f64>,
+    #[serde(default)]
+    pub ebpf_ns_per_run_by_program: std::collections::BTreeMap<String, f64>,
     pub target_pct: f64,
     pub verdict: String,
 }
@@ -606,6 +615,7 @@ fn window(
         },
         profile_building_cpu_seconds: 0.0,
         ebpf_run_seconds: Default::default(),
+        ebpf_runs: Default::default(),
     }
 }
 
@@ -625,14 +635,18 @@ fn add_agent(
     if w.orders > 0.0 {
         w.cpu_ms_per_1000_orders = w.cpu_seconds_total * 1e6 / w.orders;
     }
-    w.ebpf_run_seconds = after
-        .programs
-        .iter()
-        .map(|(p, a)| {
-            let b = before.programs.get(p).copied().unwrap_or(0.0);
-            (p.clone(), (a - b).max(0.0))
-        })
-        .collect();
+    let delta = |after: &std::collections::BTreeMap<String, f64>,
+                 before: &std::collections::BTreeMap<String, f64>| {
+        after
+            .iter()
+            .map(|(p, a)| {
+                let b = before.get(p).copied().unwrap_or(0.0);
+                (p.clone(), (a - b).max(0.0))
+            })
+            .collect()
+    };
+    w.ebpf_run_seconds = delta(&after.programs, &before.programs);
+    w.ebpf_runs = delta(&after.runs, &before.runs);
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -790,12 +804,28 @@ pub fn summarize(
         }
     };
     let mut by_program = std::collections::BTreeMap::new();
+    // Per program: (run seconds, runs, window seconds) summed over the "on" windows.
+    let mut totals: std::collections::BTreeMap<String, (f64, f64, f64)> = Default::default();
     for w in &on_w {
         for (p, v) in &w.ebpf_run_seconds {
             let per_sec = if w.seconds > 0.0 { v / w.seconds } else { 0.0 };
             *by_program.entry(p.clone()).or_insert(0.0) += per_sec * 1e3 / on_w.len() as f64;
+            let t = totals.entry(p.clone()).or_default();
+            t.0 += v;
+            t.1 += w.ebpf_runs.get(p).copied().unwrap_or(0.0);
+            t.2 += w.seconds;
         }
     }
+    let runs_per_sec = totals
+        .iter()
+        .filter(|(_, t)| t.1 > 0.0 && t.2 > 0.0)
+        .map(|(p, t)| (p.clone(), round3(t.1 / t.2)))
+        .collect();
+    let ns_per_run = totals
+        .iter()
+        .filter(|(_, t)| t.1 > 0.0)
+        .map(|(p, t)| (p.clone(), round3(t.0 / t.1 * 1e9)))
+        .collect();
     // The steady state, relative to the services' CPU over as long without profiling.
     let off_seconds = mean(&off_w.iter().map(|w| w.seconds).collect::<Vec<_>>());
     let steady_pct = match steady {
@@ -862,6 +892,8 @@ pub fn summarize(
             .into_iter()
             .map(|(p, v)| (p, round3(v)))
             .collect(),
+        ebpf_runs_per_sec_by_program: runs_per_sec,
+        ebpf_ns_per_run_by_program: ns_per_run,
         target_pct: target,
         verdict,
     }
@@ -883,6 +915,7 @@ mod tests {
             cpu_ms_per_1000_orders: cpu * 1e6 / orders,
             profile_building_cpu_seconds: if profiling { 0.004 } else { 0.0 },
             ebpf_run_seconds: Default::default(),
+            ebpf_runs: Default::default(),
         }
     }
 
@@ -1019,6 +1052,10 @@ mod tests {
         let reading = |cpu: Option<f64>, run: f64| AgentReading {
             cpu_seconds: cpu,
             programs: [("sched_switch".to_string(), run)].into_iter().collect(),
+            // 1 µs per run.
+            runs: [("sched_switch".to_string(), run * 1e6)]
+                .into_iter()
+                .collect(),
         };
         let mut windows = Vec::new();
         for (i, on) in [false, true, true, false].into_iter().enumerate() {
@@ -1057,6 +1094,8 @@ mod tests {
         assert!((r.ebpf_run_pct - 0.1).abs() < 0.01, "{}", r.ebpf_run_pct);
         assert!((r.ebpf_run_cpu_share_pct - 0.01).abs() < 0.001);
         assert!((r.ebpf_run_ms_per_sec_by_program["sched_switch"] - 0.1).abs() < 1e-6);
+        assert!((r.ebpf_ns_per_run_by_program["sched_switch"] - 1000.0).abs() < 1e-3);
+        assert!((r.ebpf_runs_per_sec_by_program["sched_switch"] - 100.0).abs() < 1e-3);
         assert!(r.verdict.starts_with("within target"), "{}", r.verdict);
         assert!(r.verdict.contains("eBPF agent"), "{}", r.verdict);
         // A stopped agent (no pid) or a restarted one (counter went down) charges nothing.
