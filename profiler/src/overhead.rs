@@ -919,6 +919,22 @@ mod tests {
         }
     }
 
+    /// `summarize` for one service's windows read from `/proc` and the gateway's counters.
+    fn summarize_gateway(
+        o: &OverheadOptions,
+        windows: Vec<Window>,
+        steady: Option<Steady>,
+    ) -> Report {
+        summarize(
+            o,
+            vec!["order-gateway".into()],
+            "proc",
+            "gateway_metrics",
+            windows,
+            steady,
+        )
+    }
+
     fn opts() -> OverheadOptions {
         OverheadOptions {
             subject: Subject::Profiling,
@@ -942,14 +958,7 @@ mod tests {
             w(2, true, 1000.0, 1.006),
             w(3, false, 1000.0, 1.001),
         ];
-        let r = summarize(
-            &opts(),
-            vec!["order-gateway".into()],
-            "proc",
-            "gateway_metrics",
-            windows,
-            None,
-        );
+        let r = summarize_gateway(&opts(), windows, None);
         assert_eq!(r.off.windows, 2);
         assert_eq!(r.on.windows, 2);
         assert!((r.off.cpu_ms_per_1000_orders - 1000.5).abs() < 1e-6);
@@ -966,14 +975,7 @@ mod tests {
             r.profile_building_pct
         );
         let heavy = vec![w(0, false, 1000.0, 1.0), w(1, true, 1000.0, 1.10)];
-        let r = summarize(
-            &opts(),
-            vec!["order-gateway".into()],
-            "proc",
-            "gateway_metrics",
-            heavy,
-            None,
-        );
+        let r = summarize_gateway(&opts(), heavy, None);
         assert!(
             r.verdict.starts_with("inconclusive"),
             "one pair: {}",
@@ -990,14 +992,7 @@ mod tests {
         for x in costly.iter_mut().filter(|x| x.profiling) {
             x.profile_building_cpu_seconds = 0.05;
         }
-        let r = summarize(
-            &opts(),
-            vec!["order-gateway".into()],
-            "proc",
-            "gateway_metrics",
-            costly,
-            None,
-        );
+        let r = summarize_gateway(&opts(), costly, None);
         assert_eq!(r.cpu_overhead_pct, 0.0);
         assert!((r.direct_pct - 5.0).abs() < 1e-6, "{}", r.direct_pct);
         assert!(r.verdict.starts_with("above target"), "{}", r.verdict);
@@ -1019,27 +1014,13 @@ mod tests {
             profiles: 19,
             building_cpu_seconds: 0.3,
         };
-        let r = summarize(
-            &opts(),
-            vec!["order-gateway".into()],
-            "proc",
-            "gateway_metrics",
-            windows.clone(),
-            Some(steady),
-        );
+        let r = summarize_gateway(&opts(), windows.clone(), Some(steady));
         assert!((r.steady_building_pct - 1.5).abs() < 1e-6, "{r:?}");
         assert_eq!(r.direct_pct, r.steady_building_pct);
         // The windows alone (4 ms per "on" window of 1 CPU-second) say 0.4 %.
         assert!((r.profile_building_pct - 0.4).abs() < 1e-6);
         assert!(r.verdict.starts_with("above target"), "{}", r.verdict);
-        let without = summarize(
-            &opts(),
-            vec!["order-gateway".into()],
-            "proc",
-            "gateway_metrics",
-            windows,
-            None,
-        );
+        let without = summarize_gateway(&opts(), windows, None);
         assert_eq!(without.direct_pct, without.profile_building_pct);
         assert_eq!(without.steady, None);
     }
@@ -1075,14 +1056,7 @@ mod tests {
         }
         assert_eq!(windows[0].cpu_seconds["probes"], 0.0);
         assert!((windows[1].cpu_seconds_total - 1.002).abs() < 1e-9);
-        let r = summarize(
-            &o,
-            vec!["order-gateway".into()],
-            "proc",
-            "gateway_metrics",
-            windows,
-            None,
-        );
+        let r = summarize_gateway(&o, windows, None);
         assert_eq!(r.subject, "probes");
         assert_eq!(r.target_pct, PROBES_TARGET_PCT);
         assert!(
