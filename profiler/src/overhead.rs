@@ -335,6 +335,23 @@ async fn profile_all(stack: &Stack, seconds: u64, hz: u32) -> anyhow::Result<f64
     Ok(spent)
 }
 
+/// Profiles every service back to back, `each` seconds at a time, as many as fit in `span`
+/// (half a second of slack for the round trips): (building CPU seconds, profiles per service).
+async fn back_to_back(
+    stack: &Stack,
+    span: Duration,
+    each: u64,
+    hz: u32,
+) -> anyhow::Result<(f64, usize)> {
+    let started = Instant::now();
+    let (mut building, mut profiles) = (0.0, 0);
+    while started.elapsed() + Duration::from_secs(each) <= span + Duration::from_millis(500) {
+        building += profile_all(stack, each, hz).await?;
+        profiles += 1;
+    }
+    Ok((building, profiles))
+}
+
 /// The steady-state phase: back-to-back profiles of every service for `opts.steady`.
 async fn steady_phase(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Steady> {
     eprintln!(
@@ -343,13 +360,8 @@ async fn steady_phase(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<S
         opts.steady.as_secs()
     );
     let started = Instant::now();
-    let (mut building, mut profiles) = (0.0, 0);
-    while started.elapsed() + Duration::from_secs(opts.profile_seconds)
-        <= opts.steady + Duration::from_millis(500)
-    {
-        building += profile_all(stack, opts.profile_seconds, opts.hz).await?;
-        profiles += 1;
-    }
+    let (building, profiles) =
+        back_to_back(stack, opts.steady, opts.profile_seconds, opts.hz).await?;
     let seconds = started.elapsed().as_secs_f64();
     wait_until_not_sampling(stack).await?;
     eprintln!(
@@ -476,7 +488,7 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
     tokio::time::sleep(opts.warmup.saturating_sub(warm)).await;
 
     let mut windows = Vec::new();
-    let result: anyhow::Result<()> = async {
+    let result: anyhow::Result<Option<Steady>> = async {
         for pair in 0..opts.pairs {
             // ABBA: off,on then on,off, so that a linear drift cancels.
             let order = if pair % 2 == 0 {
@@ -493,18 +505,15 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
                     agent_before = agent.read().await?;
                 }
                 let before = read_counters(stack, use_proc).await?;
-                let mut building = 0.0;
-                if profiling && opts.subject == Subject::Profiling {
-                    let started = Instant::now();
+                let building = if profiling && opts.subject == Subject::Profiling {
                     let each = opts.profile_seconds.clamp(1, window_s);
-                    while started.elapsed() + Duration::from_secs(each)
-                        <= Duration::from_secs(window_s) + Duration::from_millis(500)
-                    {
-                        building += profile_all(stack, each, opts.hz).await?;
-                    }
+                    back_to_back(stack, Duration::from_secs(window_s), each, opts.hz)
+                        .await?
+                        .0
                 } else {
                     tokio::time::sleep(Duration::from_secs(window_s)).await;
-                }
+                    0.0
+                };
                 let after = read_counters(stack, use_proc).await?;
                 if profiling && opts.subject == Subject::Profiling {
                     // The profilers linger for a next profile, then stop; their stop is a one-off
@@ -528,22 +537,12 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
                 windows.push(w);
             }
         }
-        Ok(())
+        if opts.subject == Subject::Profiling && !opts.steady.is_zero() {
+            return Ok(Some(steady_phase(stack, opts).await?));
+        }
+        Ok(None)
     }
     .await;
-    let steady = match &result {
-        Ok(()) if opts.subject == Subject::Profiling && !opts.steady.is_zero() => {
-            match steady_phase(stack, opts).await {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    let _ = stop_tx.send(());
-                    let _ = load.await;
-                    return Err(e);
-                }
-            }
-        }
-        _ => None,
-    };
     let _ = stop_tx.send(());
     let _ = load.await;
     if let Some((agent, was_running, stats)) = probes {
@@ -556,7 +555,7 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
         }
         drop(stats);
     }
-    result?;
+    let steady = result?;
     let orders_source = if windows.is_empty() {
         "none"
     } else {
