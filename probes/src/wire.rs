@@ -163,20 +163,21 @@ pub fn tcp_state_name(state: u8) -> &'static str {
 
 /// An address and port as `ip:port` (`[v6]:port`).
 pub fn endpoint(addr: Option<IpAddr>, port: u16) -> String {
-    match addr {
-        Some(IpAddr::V6(a)) => format!("[{a}]:{port}"),
-        Some(IpAddr::V4(a)) => format!("{a}:{port}"),
-        None => format!("?:{port}"),
-    }
+    host_and(addr, port)
 }
 
 /// `addr` with any port, `10.0.0.1:*`: an endpoint label that does not grow with ephemeral
 /// ports.
 pub fn endpoint_any_port(addr: Option<IpAddr>) -> String {
+    host_and(addr, '*')
+}
+
+/// `host:port`, IPv6 hosts in brackets, `?` for an unknown host.
+fn host_and(addr: Option<IpAddr>, port: impl std::fmt::Display) -> String {
     match addr {
-        Some(IpAddr::V6(a)) => format!("[{a}]:*"),
-        Some(IpAddr::V4(a)) => format!("{a}:*"),
-        None => "?:*".to_string(),
+        Some(IpAddr::V6(a)) => format!("[{a}]:{port}"),
+        Some(IpAddr::V4(a)) => format!("{a}:{port}"),
+        None => format!("?:{port}"),
     }
 }
 
