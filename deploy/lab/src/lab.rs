@@ -36,6 +36,25 @@ use crate::supervisor::{self, Ctl, Shared};
 /// verdict (and its reason) arrives first.
 const WAIT_GRACE: Duration = Duration::from_secs(3);
 
+/// How many times [`Lab::start`] replaces a picked port that was taken meanwhile.
+pub const PORT_REPICKS: usize = 3;
+
+/// Who holds a local TCP port, for the log: `ss`'s lines for it (best effort).
+fn port_holder(port: u16) -> String {
+    std::process::Command::new("ss")
+        .args(["-Htanp", &format!("sport = :{port}")])
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
 /// A running lab. See the module documentation.
 pub struct Lab {
     shared: Arc<Shared>,
@@ -58,8 +77,26 @@ impl Lab {
     /// Checks, then starts every component of `config` in dependency order and waits until all
     /// are ready. On failure, whatever was started is stopped again and the error names the
     /// component, its deadline and the last lines of its log.
-    pub async fn start(config: LabConfig) -> Result<Lab> {
-        let lab = Lab::new(config)?;
+    ///
+    /// A port the kernel picked ([`LabConfig::ephemeral`]) that something else took between
+    /// the pick and the check is replaced by another free port, up to [`PORT_REPICKS`] times;
+    /// a fixed or caller-set port that is taken is an error at once.
+    pub async fn start(mut config: LabConfig) -> Result<Lab> {
+        let mut repicks = 0;
+        let lab = loop {
+            match Lab::new(config.clone()) {
+                Err(LabError::PortInUse {
+                    component,
+                    name,
+                    port,
+                }) if repicks < PORT_REPICKS && config.ports.is_picked(component, &name) => {
+                    repicks += 1;
+                    let new = config.ports.repick(component, &name)?;
+                    tracing::warn!(%component, port_name = %name, taken = port, new, holder = %port_holder(port), "a picked port was taken before the lab started; using another");
+                }
+                other => break other?,
+            }
+        };
         if let Err(e) = lab.start_all().await {
             lab.fail_start(&e).await;
             return Err(e);

@@ -1,11 +1,12 @@
 //! The port plan: which port every named port of every component uses.
 //!
 //! `default` gives the fixed demo ports (gateway 8080, ..., rabbitmq 5673 + dist 25673 + epmd
-//! 4370); `ephemeral` asks the kernel for free ports (bind port 0 on 127.0.0.1, read it, close)
-//! so many labs can run in parallel in tests. Every port is checked again just before its
+//! 4370); `ephemeral` picks free ports (random ports below the kernel's range for outgoing
+//! connections that bind on 127.0.0.1; see [`PortPlan::ephemeral`]) so many labs can run in
+//! parallel in tests. Every port is checked again just before its
 //! component starts, and a taken port is a [`LabError::PortInUse`] naming port and component.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::str::FromStr;
 
@@ -45,6 +46,10 @@ impl FromStr for PortsMode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortPlan {
     ports: BTreeMap<Component, BTreeMap<String, u16>>,
+    /// Ports the kernel picked (not fixed, not set by the caller): another free one may replace
+    /// such a port when something else takes it before its component starts.
+    #[serde(skip)]
+    picked: BTreeSet<(Component, String)>,
 }
 
 impl PortPlan {
@@ -62,29 +67,67 @@ impl PortPlan {
                 (c, named)
             })
             .collect();
-        PortPlan { ports }
+        PortPlan {
+            ports,
+            picked: BTreeSet::new(),
+        }
     }
 
     /// Free ports for every port of every component, all distinct. All listeners are held
-    /// until every port is chosen, so the kernel cannot hand out the same port twice.
+    /// until every port is chosen, so no port is handed out twice. The ports lie below the
+    /// kernel's ephemeral range (`net.ipv4.ip_local_port_range`) when there is room, so no
+    /// outgoing connection takes one before its component starts.
     pub fn ephemeral() -> Result<Self> {
         let mut held = Vec::new();
         let mut ports = BTreeMap::new();
+        let mut picked = BTreeSet::new();
         for c in Component::ALL {
             let mut named = BTreeMap::new();
             for p in c.spec().ports {
-                let listener = TcpListener::bind(SocketAddr::from((LOOPBACK, 0)))
-                    .context("binding 127.0.0.1:0 to pick a free port")?;
-                let port = listener
-                    .local_addr()
-                    .context("reading a picked port")?
-                    .port();
+                let (listener, port) = pick_free()?;
                 named.insert(p.name.to_string(), port);
+                picked.insert((c, p.name.to_string()));
                 held.push(listener);
             }
             ports.insert(c, named);
         }
-        Ok(PortPlan { ports })
+        Ok(PortPlan { ports, picked })
+    }
+
+    /// Whether the kernel picked this port (see [`PortPlan::ephemeral`]) and nobody set it since.
+    pub fn is_picked(&self, component: Component, name: &str) -> bool {
+        self.picked.contains(&(component, name.to_string()))
+    }
+
+    /// Replaces a port the kernel picked with another free one, distinct from every port of the
+    /// plan; returns it. Fails for a port that was not picked (a fixed or caller-set port).
+    pub fn repick(&mut self, component: Component, name: &str) -> Result<u16> {
+        if !self.is_picked(component, name) {
+            return Err(anyhow::anyhow!(
+                "the {name} port of {component} was not picked by the kernel; not replacing it"
+            )
+            .into());
+        }
+        let in_plan: BTreeSet<u16> = self
+            .ports
+            .values()
+            .flat_map(|m| m.values())
+            .copied()
+            .collect();
+        let mut held = Vec::new();
+        loop {
+            let (listener, port) = pick_free()?;
+            if !in_plan.contains(&port) {
+                self.ports
+                    .entry(component)
+                    .or_default()
+                    .insert(name.to_string(), port);
+                return Ok(port);
+            }
+            // Held until a distinct port comes up, so the kernel cannot return it again;
+            // bounded by the number of ports in the plan.
+            held.push(listener);
+        }
     }
 
     /// A plan for the given mode.
@@ -111,8 +154,9 @@ impl PortPlan {
         self.port(component, component.primary_port_name())
     }
 
-    /// Overrides one port.
+    /// Overrides one port (from then on it is never replaced, see [`PortPlan::repick`]).
     pub fn set(&mut self, component: Component, name: &str, port: u16) {
+        self.picked.remove(&(component, name.to_string()));
         self.ports
             .entry(component)
             .or_default()
@@ -151,6 +195,47 @@ impl PortPlan {
         }
         Ok(())
     }
+}
+
+/// Lowest port [`pick_free`] draws from.
+const PICK_FLOOR: u16 = 10_000;
+
+/// The kernel's range for the local ports of outgoing connections
+/// (`net.ipv4.ip_local_port_range`).
+fn local_port_range() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    Some((it.next()?.ok()?, it.next()?.ok()?))
+}
+
+/// A free port on 127.0.0.1 and its listener (hold it to keep the port).
+///
+/// Drawn at random from below the kernel's ephemeral range, so that no outgoing connection of
+/// any process can take it between the pick and the start of its component (one did, in CI:
+/// ports from `bind(0)` come from the same range as outgoing connections' local ports). Falls
+/// back to `bind(0)` when that range leaves no room below it.
+pub fn pick_free() -> Result<(TcpListener, u16)> {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let (low, _) = local_port_range().unwrap_or((32768, 60999));
+    if low > PICK_FLOOR + 1_000 {
+        let span = u64::from(low - PICK_FLOOR);
+        let seed = std::hash::RandomState::new();
+        for attempt in 0..64u64 {
+            let mut h = seed.build_hasher();
+            h.write_u64(attempt);
+            let port = PICK_FLOOR + u16::try_from(h.finish() % span).unwrap_or(0);
+            if let Ok(listener) = TcpListener::bind(SocketAddr::from((LOOPBACK, port))) {
+                return Ok((listener, port));
+            }
+        }
+    }
+    let listener = TcpListener::bind(SocketAddr::from((LOOPBACK, 0)))
+        .context("binding 127.0.0.1:0 to pick a free port")?;
+    let port = listener
+        .local_addr()
+        .context("reading a picked port")?
+        .port();
+    Ok((listener, port))
 }
 
 #[cfg(test)]
@@ -192,6 +277,12 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), n, "ports must be distinct");
         assert!(all.iter().all(|p| *p != 0));
+        if let Some((low, _)) = local_port_range().filter(|(low, _)| *low > PICK_FLOOR + 1_000) {
+            assert!(
+                all.iter().all(|p| (PICK_FLOOR..low).contains(p)),
+                "below the ephemeral range {low}: {all:?}"
+            );
+        }
     }
 
     #[test]
@@ -209,5 +300,33 @@ mod tests {
             err.contains(&port.to_string()) && err.contains("postgres"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn only_picked_ports_are_replaced_and_the_replacement_is_free_and_distinct() {
+        let mut plan = PortPlan::ephemeral().expect("picking free ports on loopback");
+        let old = plan.primary(Component::Postgres).expect("postgres port");
+        // Someone takes the picked port before PostgreSQL starts.
+        let thief = TcpListener::bind((LOOPBACK, old));
+        assert!(plan.is_picked(Component::Postgres, "postgres"));
+        let new = plan
+            .repick(Component::Postgres, "postgres")
+            .expect("another free port");
+        assert_ne!(new, old);
+        assert_eq!(plan.primary(Component::Postgres).ok(), Some(new));
+        plan.check_free(Component::Postgres)
+            .expect("the new port is free");
+        let all: Vec<u16> = Component::ALL
+            .into_iter()
+            .flat_map(|c| plan.of(c).into_values())
+            .collect();
+        assert_eq!(all.iter().filter(|p| **p == new).count(), 1, "{all:?}");
+        drop(thief);
+
+        // A port the caller set is theirs: never replaced.
+        plan.set(Component::Prometheus, "http", old);
+        assert!(!plan.is_picked(Component::Prometheus, "http"));
+        assert!(plan.repick(Component::Prometheus, "http").is_err());
+        assert!(!PortPlan::defaults().is_picked(Component::Postgres, "postgres"));
     }
 }

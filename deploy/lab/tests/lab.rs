@@ -563,6 +563,28 @@ async fn preflight_errors_are_clear() {
     }
 }
 
+/// A port the kernel picked that something else takes before the lab starts is replaced by
+/// another free one (a caller-set port is not: see `preflight_errors_are_clear`).
+#[tokio::test]
+async fn a_picked_port_taken_meanwhile_is_replaced() {
+    if require_infra("a_picked_port_taken_meanwhile_is_replaced").is_err() {
+        return;
+    }
+    let tmp = temp_root("repick");
+    let config = LabConfig::ephemeral(tmp.path(), [Component::Prometheus]).expect("ports");
+    let picked = config.ports.primary(Component::Prometheus).expect("port");
+    let _thief = std::net::TcpListener::bind(("127.0.0.1", picked)).expect("take the port");
+    let lab = Lab::start(config).await.expect("starts on another port");
+    let used = lab
+        .config()
+        .ports
+        .primary(Component::Prometheus)
+        .expect("port");
+    assert_ne!(used, picked);
+    assert!(port_open(used), "prometheus listens on {used}");
+    lab.shutdown().await.expect("shutdown");
+}
+
 fn lab_cli(root: &Path, args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_lab"))
         .arg("--root")

@@ -19,7 +19,6 @@
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::{Pid, User};
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,10 +38,13 @@ pub fn skipped(test: &str, why: &Unavailable) {
     );
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind port 0");
-    l.local_addr().expect("local addr").port()
+/// Free TCP ports on 127.0.0.1, distinct, below the kernel's range for outgoing connections
+/// (so no connection takes one before its server starts): [`lab::ports::pick_free`].
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let picked: Vec<_> = (0..N)
+        .map(|_| lab::ports::pick_free().expect("a free port on 127.0.0.1"))
+        .collect();
+    std::array::from_fn(|i| picked[i].1)
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -111,7 +113,7 @@ impl Postgres {
         let pg = Postgres {
             data: dir.path().join("data"),
             dir,
-            port: free_port(),
+            port: free_ports::<1>()[0],
             as_postgres,
             fsync,
         };
@@ -264,7 +266,7 @@ impl Rabbit {
         for d in [&home, &mnesia, &logs] {
             std::fs::create_dir_all(d).map_err(|e| Unavailable(format!("mkdir: {e}")))?;
         }
-        let (port, dist_port, epmd_port) = (free_port(), free_port(), free_port());
+        let [port, dist_port, epmd_port] = free_ports();
         let node = format!("persistence-test-{port}@localhost");
         let conf = dir.path().join("rabbitmq.conf");
         std::fs::write(
