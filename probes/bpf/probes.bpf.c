@@ -5,7 +5,8 @@
  *   tcp_retransmit  tcp:tcp_retransmit_skb  -> `retrans` (count per flow and state)
  *   tcp_lifecycle   sock:inet_sock_set_state, tcp:tcp_receive_reset, tcp:tcp_send_reset
  *                                           -> `events` ring (connects, failures, resets, closes)
- *   runqueue        sched:sched_wakeup, sched_wakeup_new, sched_switch
+ *   runqueue        sched:sched_switch (+ sched_wakeup_new; with BTF the wait is the
+ *                   kernel's own sched_info accounting; without, sched_wakeup -> switch)
  *                                           -> `runq` (log2 histogram + switches per component)
  *   block_io        block:block_rq_issue / block_rq_complete -> `blk` (log2 histogram per dev, op)
  *   oom             oom:mark_victim         -> `events` ring
@@ -508,18 +509,43 @@ static __always_inline void on_switch(__u32 prev, __u32 next, int involuntary)
 }
 
 /* BTF-enabled raw tracepoints (tp_btf), attached when the kernel has BTF: the kernel hands the
- * programs its own arguments (task pointers) without formatting a trace record, and each task
- * carries its own state in task-local storage: the wakeup time and its component, cached
- * until the agent changes the filter (settings.generation). Per event that is one storage
- * access instead of hash-map lookups, updates and deletes. */
+ * programs its own arguments (task pointers) without formatting a trace record.
+ *
+ * Run-queue latency comes from the scheduler's own accounting (CONFIG_SCHED_INFO, the numbers
+ * behind /proc/PID/schedstat): when a task is queued to run (woken, or preempted while still
+ * runnable) the kernel stamps `sched_info.last_queued` with its run-queue clock; when it is
+ * picked, the difference to the run queue's clock (`rq->clock`, updated at the top of
+ * __schedule, before this tracepoint) is the wait, the same `delta` the kernel adds to the
+ * task's run_delay right after. So one program on sched_switch measures it: no wakeup
+ * program, no timestamp of our own, nothing stored per wait. The component of each task is
+ * cached in task-local storage until the agent changes the filter (settings.generation). */
+struct sched_info {
+	unsigned long long last_queued;
+} __attribute__((preserve_access_index));
+
+struct rq {
+	__u64 clock;
+} __attribute__((preserve_access_index));
+
+/* With CONFIG_FAIR_GROUP_SCHED (cgroup CPU control) every CFS run queue knows its CPU's run
+ * queue; without it this relocation fails, and the agent attaches the classic tracepoints. */
+struct cfs_rq {
+	struct rq *rq;
+} __attribute__((preserve_access_index));
+
+struct sched_entity {
+	struct cfs_rq *cfs_rq;
+} __attribute__((preserve_access_index));
+
 struct task_struct {
 	int pid;
+	struct sched_info sched_info;
+	struct sched_entity se;
 } __attribute__((preserve_access_index));
 
 struct task_info {
-	__u64 runq_ts; /* when it became runnable; 0 when not waiting */
-	__u32 comp;    /* component + 1; 0: not tracked */
-	__u32 gen;     /* settings.generation + 1 when comp was decided; 0: never */
+	__u32 comp; /* component + 1; 0: not tracked */
+	__u32 gen;  /* settings.generation + 1 when comp was decided; 0: never */
 };
 
 struct {
@@ -529,7 +555,8 @@ struct {
 	__type(value, struct task_info);
 } task_infos SEC(".maps");
 
-static __always_inline struct task_info *info_of(struct task_struct *p)
+/* The component of a task + 1, 0 when it is not tracked. */
+static __always_inline __u32 comp_of(struct task_struct *p)
 {
 	struct task_info *ti = bpf_task_storage_get(&task_infos, p, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!ti)
@@ -543,32 +570,15 @@ static __always_inline struct task_info *info_of(struct task_struct *p)
 		ti->comp = (tid && component_of(tid, &comp)) ? comp + 1 : 0;
 		ti->gen = gen;
 	}
-	return ti;
+	return ti->comp;
 }
 
-/* A tracked task became runnable: its run-queue wait starts now. */
-static __always_inline void task_runnable(struct task_struct *p)
-{
-	struct task_info *ti = info_of(p);
-	if (ti && ti->comp)
-		ti->runq_ts = bpf_ktime_get_ns();
-}
-
-SEC("tp_btf/sched_wakeup")
-int sched_wakeup_btf(__u64 *ctx)
-{
-	task_runnable((struct task_struct *)ctx[0]);
-	return 0;
-}
-
+/* A new thread or child inherits its parent's component (the agent's next scan confirms it). */
 SEC("tp_btf/sched_wakeup_new")
 int sched_wakeup_new_btf(__u64 *ctx)
 {
 	struct task_struct *p = (struct task_struct *)ctx[0];
-	/* Inherit the parent's component first: the child's storage is new, so info_of looks
-	 * its component up. */
 	on_inherit((__u32)p->pid);
-	task_runnable(p);
 	return 0;
 }
 
@@ -581,31 +591,33 @@ int sched_switch_btf(__u64 *ctx)
 	struct task_struct *prev = (struct task_struct *)ctx[1];
 	struct task_struct *next = (struct task_struct *)ctx[2];
 	__u32 prev_state = (__u32)ctx[3];
-	__u64 now = bpf_ktime_get_ns();
 
-	struct task_info *pi = info_of(prev);
-	if (pi && pi->comp) {
-		__u32 comp = pi->comp - 1;
+	__u32 pc = comp_of(prev);
+	if (pc) {
+		__u32 comp = pc - 1;
 		struct runq_val *v = bpf_map_lookup_elem(&runq, &comp);
 		if (v) {
-			if (preempt || (prev_state & TASK_STATE_MASK) == 0) {
+			if (preempt || (prev_state & TASK_STATE_MASK) == 0)
 				v->involuntary += 1;
-				pi->runq_ts = now;
-			} else {
+			else
 				v->voluntary += 1;
-			}
 		}
 	}
 
-	/* No storage is created for `next`: a task that has none was never marked runnable. */
-	struct task_info *ni = bpf_task_storage_get(&task_infos, next, 0, 0);
-	if (!ni || !ni->runq_ts || !ni->comp)
+	/* 0: next did not wait in the queue (the idle task, or accounting is off). */
+	__u64 queued = next->sched_info.last_queued;
+	if (!queued)
 		return 0;
-	__u64 delta = now - ni->runq_ts;
-	ni->runq_ts = 0;
+	__u32 nc = comp_of(next);
+	if (!nc)
+		return 0;
+	struct rq *rq = next->se.cfs_rq->rq;
+	if (!rq)
+		return 0;
+	__u64 delta = rq->clock - queued;
 	if ((__s64)delta < 0)
 		return 0;
-	__u32 comp = ni->comp - 1;
+	__u32 comp = nc - 1;
 	struct runq_val *v = bpf_map_lookup_elem(&runq, &comp);
 	if (!v)
 		return 0;

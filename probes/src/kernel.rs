@@ -76,7 +76,6 @@ pub const PROBES: &[Probe] = &[
             ("sched_switch", layout::SCHED_SWITCH),
         ],
         btf_programs: &[
-            ("sched_wakeup_btf", "sched_wakeup"),
             ("sched_wakeup_new_btf", "sched_wakeup_new"),
             ("sched_switch_btf", "sched_switch"),
         ],

@@ -811,6 +811,15 @@ fn runq_of(agent: &Agent, component: &str) -> probes::wire::RunqVal {
         .unwrap_or_default()
 }
 
+/// Time the task waited on a run queue so far: the kernel's `run_delay`, the second field of
+/// `/proc/PID/schedstat`.
+fn run_delay_ns(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A counter from a cgroup's `cpu.stat`.
 fn cpu_stat(stat: &str, key: &str) -> u64 {
     stat.lines()
@@ -863,8 +872,10 @@ fn cpu_throttling_moves_runqueue_latency_into_milliseconds() {
     let stat_before = fs::read_to_string(cg.join("cpu.stat")).unwrap_or_default();
     fs::write(cg.join("cpu.cfs_period_us"), "100000").expect("cfs_period_us");
     fs::write(cg.join("cpu.cfs_quota_us"), "10000").expect("cfs_quota_us");
+    let delay_before = run_delay_ns(pid);
     std::thread::sleep(Duration::from_secs(3)); // the workload's measurement window
     let h2 = runq_of(&agent, "matching-engine");
+    let delay_after = run_delay_ns(pid);
     let _ = fs::write(cg.join("cpu.cfs_quota_us"), "-1");
     let throttled = h2.hist.since(&h1.hist);
     let stat_after = fs::read_to_string(cg.join("cpu.stat")).unwrap_or_default();
@@ -916,6 +927,20 @@ fn cpu_throttling_moves_runqueue_latency_into_milliseconds() {
     assert!(
         (0.75..=1.5).contains(&ratio),
         "time spent waiting ({} ns) should match the kernel's throttled_time ({throttled_ns} ns)",
+        throttled.sum_ns
+    );
+    // The kernel's own run-queue accounting for the task (/proc/PID/schedstat run_delay) over
+    // the same window: the probe's waits add up to it.
+    let kernel_delay = delay_after.saturating_sub(delay_before);
+    let vs_kernel = throttled.sum_ns as f64 / kernel_delay.max(1) as f64;
+    println!(
+        "waits: probe {:.3} s, kernel run_delay {:.3} s (ratio {vs_kernel:.3})",
+        throttled.sum_ns as f64 / 1e9,
+        kernel_delay as f64 / 1e9
+    );
+    assert!(
+        (0.8..=1.25).contains(&vs_kernel),
+        "time spent waiting ({} ns) should match the kernel's run_delay ({kernel_delay} ns)",
         throttled.sum_ns
     );
     assert!(
