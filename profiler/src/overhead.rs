@@ -408,6 +408,18 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
         opts.window >= Duration::from_secs(2),
         "--window must be at least 2s"
     );
+    // Minutes of load against a stopped lab would end in a report of nothing: refuse now.
+    for service in &stack.services {
+        stack
+            .get(service, "/metrics", Duration::from_secs(5))
+            .await
+            .with_context(|| {
+                format!(
+                    "{} does not answer; is the lab running? Start it with `make demo`",
+                    service.name
+                )
+            })?;
+    }
     let use_proc = stack
         .services
         .iter()
