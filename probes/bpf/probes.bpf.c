@@ -749,13 +749,27 @@ struct gendisk {
 
 struct request_queue {
 	struct gendisk *disk;
+	unsigned long queue_flags;
 } __attribute__((preserve_access_index));
 
 struct request {
 	struct request_queue *q;
 	__u32 cmd_flags;
 	unsigned int __data_len;
+	/* Stamped by the kernel right after the issue tracepoint (blk_mq_start_request), with the
+	 * sectors issued, when the queue keeps I/O statistics (QUEUE_FLAG_STATS: writeback
+	 * throttling, on by default, turns it on); 0 otherwise. */
+	__u64 io_start_time_ns;
+	unsigned int stats_sectors;
 } __attribute__((preserve_access_index));
+
+/* The bit of QUEUE_FLAG_STATS in request_queue.queue_flags: an enumerator of an anonymous
+ * enum, which CO-RE cannot relocate, so the agent reads it from the kernel's BTF and sets it at
+ * load time. Unknown (>= 64): every request goes through `blk_inflight`. */
+const volatile __u32 queue_flag_stats_bit = 0xffffffff;
+
+/* REQ_OP_DRV_IN and above: passthrough requests, which the kernel never stamps. */
+#define REQ_OP_DRV_IN 34
 
 /* enum req_op: the low 8 bits of cmd_flags. */
 #define REQ_OP_MASK 0xff
@@ -797,30 +811,68 @@ static __always_inline __u32 classify_op(__u32 cmd_flags)
 	}
 }
 
-/* TP_PROTO(struct request *rq) since Linux 5.11. */
+/* Whether the kernel will stamp this request's issue time itself (see `struct request`). */
+static __always_inline int kernel_stamps_issue(struct request *rq)
+{
+	__u32 bit = queue_flag_stats_bit;
+	if (bit >= 64)
+		return 0;
+	if ((rq->cmd_flags & REQ_OP_MASK) >= REQ_OP_DRV_IN)
+		return 0;
+	return (rq->q->queue_flags >> bit) & 1;
+}
+
+static __always_inline __u32 dev_of(struct request *rq)
+{
+	struct gendisk *disk = rq->q->disk;
+	if (!disk)
+		return 0;
+	return ((__u32)disk->major << MINORBITS) | (__u32)disk->first_minor;
+}
+
+/* TP_PROTO(struct request *rq) since Linux 5.11. Nothing to do when the kernel stamps the
+ * issue itself; otherwise the start goes into `blk_inflight`, keyed by the request. */
 SEC("tp_btf/block_rq_issue")
 int block_rq_issue_btf(__u64 *ctx)
 {
 	struct request *rq = (struct request *)ctx[0];
+	if (kernel_stamps_issue(rq))
+		return 0;
 	__u64 key = (__u64)rq;
 	struct blk_rq_start val = {};
 	val.ts = bpf_ktime_get_ns();
 	val.bytes = rq->__data_len;
 	val.op = classify_op(rq->cmd_flags);
-	struct gendisk *disk = rq->q->disk;
-	if (disk)
-		val.dev = ((__u32)disk->major << MINORBITS) | (__u32)disk->first_minor;
+	val.dev = dev_of(rq);
 	if (bpf_map_update_elem(&blk_inflight, &key, &val, BPF_ANY))
 		count(CTR_MAP_FULL);
 	return 0;
 }
 
-/* TP_PROTO(struct request *rq, blk_status_t error, unsigned int nr_bytes). */
+/* TP_PROTO(struct request *rq, blk_status_t error, unsigned int nr_bytes). A request that was
+ * never issued (the empty write of a cache flush, which the flush machinery completes after
+ * its own flush request) has neither a stamp nor an entry, and is not counted. */
 SEC("tp_btf/block_rq_complete")
 int block_rq_complete_btf(__u64 *ctx)
 {
-	__u64 key = ctx[0];
+	struct request *rq = (struct request *)ctx[0];
 	int failed = (__u8)ctx[1] != 0;
+	__u32 nr_bytes = (__u32)ctx[2];
+	/* Only when the issue program leaves stamped requests to the kernel: otherwise each one
+	 * has its entry, which must go. */
+	__u64 issued = queue_flag_stats_bit < 64 ? rq->io_start_time_ns : 0;
+	if (issued) {
+		/* A request may complete in parts; the part that finishes it counts it. */
+		if (nr_bytes < rq->__data_len)
+			return 0;
+		__u64 delta = bpf_ktime_get_ns() - issued;
+		if ((__s64)delta < 0)
+			return 0;
+		blk_account(dev_of(rq), classify_op(rq->cmd_flags), (__u64)rq->stats_sectors << 9, delta,
+			    failed);
+		return 0;
+	}
+	__u64 key = ctx[0];
 	struct blk_rq_start *start = bpf_map_lookup_elem(&blk_inflight, &key);
 	if (!start)
 		return 0;

@@ -58,6 +58,9 @@ pub struct AgentOptions {
     pub cgroup_root: PathBuf,
     /// Fewest retransmits of one flow within a poll interval that make a `retransmit_burst`.
     pub burst_min: u64,
+    /// Time block requests from the kernel's own issue stamp where the queue keeps one (no
+    /// map entry per request); `false`: the programs time every request themselves.
+    pub kernel_block_stamps: bool,
 }
 
 impl Default for AgentOptions {
@@ -74,6 +77,7 @@ impl Default for AgentOptions {
             socket_scan_interval: Duration::from_secs(15),
             cgroup_root: PathBuf::from(procfs::CGROUP_ROOT),
             burst_min: 1,
+            kernel_block_stamps: true,
         }
     }
 }
@@ -138,7 +142,11 @@ fn secs(ns: u64) -> String {
 impl Agent {
     /// Loads and attaches the probes, reads the lab state once and polls once.
     pub fn start(options: AgentOptions) -> Result<Agent, LoadError> {
-        let kernel = Kernel::load(options.probes.as_deref(), options.bpf_stats)?;
+        let kernel = Kernel::load(
+            options.probes.as_deref(),
+            options.bpf_stats,
+            options.kernel_block_stamps,
+        )?;
         for s in kernel.status() {
             if s.attached {
                 tracing::info!(probe = s.probe, tracepoints = %s.detail, "probe attached");

@@ -252,7 +252,7 @@ pub fn run(load: bool) -> Report {
 
     let mut loaded_any = !load;
     if load && privileged && tracefs.is_some() {
-        match Kernel::load(None, false) {
+        match Kernel::load(None, false, true) {
             Ok(k) => {
                 for s in k.status() {
                     loaded_any |= s.attached;

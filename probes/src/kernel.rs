@@ -191,7 +191,13 @@ where
 
 impl Kernel {
     /// Loads the object and attaches the probes named in `only` (all when `None`).
-    pub fn load(only: Option<&[String]>, bpf_stats: bool) -> Result<Kernel, LoadError> {
+    /// `kernel_block_stamps`: time block requests from the kernel's own issue stamp where the
+    /// queue keeps one (else the programs time every request themselves).
+    pub fn load(
+        only: Option<&[String]>,
+        bpf_stats: bool,
+        kernel_block_stamps: bool,
+    ) -> Result<Kernel, LoadError> {
         let tracefs = Tracefs::find_or_mount().map_err(|e| {
             if nix::unistd::geteuid().is_root() {
                 LoadError::Other(anyhow::anyhow!(e))
@@ -238,11 +244,19 @@ impl Kernel {
         // Without kernel BTF the one CO-RE access (sk_buff.cb) cannot be relocated: the
         // program then counts each retransmitted skb as one segment.
         let have_btf = u32::from(std::path::Path::new(BTF_PATH).is_file());
+        // Where the kernel keeps "this queue stamps each request's issue time" (block I/O):
+        // known, the issue program leaves those requests to the kernel's own stamp.
+        let queue_flag_stats_bit = if kernel_block_stamps {
+            queue_flag_stats_bit()
+        } else {
+            u32::MAX
+        };
         let mut ebpf = EbpfLoader::new()
             // `task_infos` (task-local storage) has no typed API in aya; only the programs use it.
             .allow_unsupported_maps()
             .override_global("retrans_has_err", &retrans_has_err, true)
             .override_global("have_btf", &have_btf, true)
+            .override_global("queue_flag_stats_bit", &queue_flag_stats_bit, true)
             .load(OBJECT)
             .map_err(|e| {
                 if is_permission_error(&e) {
@@ -484,6 +498,15 @@ where
         .with_context(|| format!("program `{symbol}` is missing from the eBPF object"))?
         .try_into()
         .with_context(|| format!("program `{symbol}` is not a {kind} program"))
+}
+
+/// The bit of `QUEUE_FLAG_STATS` in `request_queue.queue_flags` from the kernel's BTF, or
+/// `u32::MAX` (unknown: the block I/O programs time every request themselves).
+fn queue_flag_stats_bit() -> u32 {
+    crate::btf::kernel_enumerator("QUEUE_FLAG_STATS")
+        .and_then(|b| u32::try_from(b).ok())
+        .filter(|b| *b < 64)
+        .unwrap_or(u32::MAX)
 }
 
 /// Attaches a probe's programs: its BTF raw tracepoints when it has them and the kernel takes

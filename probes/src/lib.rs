@@ -18,6 +18,7 @@
 
 pub mod agent;
 pub mod attribution;
+pub mod btf;
 pub mod check;
 pub mod config;
 pub mod events;

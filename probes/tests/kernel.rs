@@ -1022,16 +1022,35 @@ fn fsynced_writes_fill_the_block_io_histogram() {
         return;
     }
     let _serial = serial();
+    // Both ways of timing a request: from the kernel's own issue stamp (where the queue keeps
+    // one: the default) and from the issue program's own map entry.
+    for kernel_block_stamps in [true, false] {
+        fsynced_writes_counted(test, kernel_block_stamps);
+    }
+}
+
+fn fsynced_writes_counted(test: &str, kernel_block_stamps: bool) {
     let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir on a disk-backed filesystem");
-    let agent = start_agent(&["block_io"], dir.path().join("no-lab-state.json"));
+    let agent = Agent::start(AgentOptions {
+        kernel_block_stamps,
+        ..agent_options(&["block_io"], dir.path().join("no-lab-state.json"))
+    })
+    .expect("starting the agent");
+    // Independent witness: data-carrying write requests issued, as the classic tracepoint
+    // formats them (on every device; the test's writes dominate).
+    let witness = Bpftrace::start(
+        test,
+        "tracepoint:block:block_rq_issue /args->bytes > 0 && strncmp(args->rwbs, \"W\", 1) == 0/ { @n = count(); }",
+    );
     let writes_before: BTreeMap<String, (u64, u64)> = block_writes(&agent);
     let mut file = fs::File::create(dir.path().join("data")).expect("creating the file");
     let block = [0x5au8; 4096];
-    for _ in 0..64 {
+    let syncs = 64;
+    for _ in 0..syncs {
         file.write_all(&block).expect("write");
         file.sync_data().expect("fdatasync");
     }
-    let written = 64 * 4096;
+    let written = syncs * 4096;
     let (device, count, bytes) = poll_until(
         "the writes in the histogram",
         Duration::from_secs(10),
@@ -1045,8 +1064,29 @@ fn fsynced_writes_fill_the_block_io_histogram() {
                 })
         },
     );
-    println!("device {device}: {count} write requests, {bytes} bytes since the start");
-    assert!(count >= 1);
+    println!(
+        "kernel stamps {kernel_block_stamps}: device {device}: {count} write requests, {bytes} bytes since the start"
+    );
+    // Each fdatasync waits for its block to reach the device: at least one write request each.
+    assert!(
+        count >= syncs,
+        "{count} write requests counted for {syncs} fdatasync'ed writes"
+    );
+    if let Some(witness) = witness {
+        agent.poll();
+        let ours: u64 = block_writes(&agent)
+            .iter()
+            .map(|(dev, (c, _))| c - writes_before.get(dev).map_or(0, |(c0, _)| *c0))
+            .sum();
+        let issued = witness.finish("n");
+        println!(
+            "kernel stamps {kernel_block_stamps}: bpftrace saw {issued} write requests issued, the probe counted {ours}"
+        );
+        assert!(
+            (ours as f64 - issued as f64).abs() <= issued as f64 * 0.1 + 3.0,
+            "the probe counted {ours} write requests, bpftrace saw {issued} issued"
+        );
+    }
     let metrics = agent.render_metrics();
     let bucket = format!(
         "probes_block_io_latency_seconds_bucket{{device=\"{device}\",op=\"write\",le=\"+Inf\"}}"
