@@ -62,6 +62,9 @@ pub struct AgentConfig {
     pub rescan_interval_ms: u64,
     /// Attribute sockets by scanning lab processes' file descriptors.
     pub scan_sockets: bool,
+    /// Time block requests from the kernel's own issue stamp where the queue keeps one;
+    /// `false`: the programs time every request themselves (a map entry per request).
+    pub kernel_block_stamps: bool,
 }
 
 impl Default for AgentConfig {
@@ -75,6 +78,7 @@ impl Default for AgentConfig {
             refresh_interval_ms: d.refresh_interval.as_millis() as u64,
             rescan_interval_ms: d.rescan_interval.as_millis() as u64,
             scan_sockets: true,
+            kernel_block_stamps: d.kernel_block_stamps,
         }
     }
 }
@@ -123,6 +127,7 @@ impl ProbesConfig {
             refresh_interval: Duration::from_millis(self.agent.refresh_interval_ms),
             rescan_interval: Duration::from_millis(self.agent.rescan_interval_ms),
             scan_sockets: self.agent.scan_sockets,
+            kernel_block_stamps: self.agent.kernel_block_stamps,
             ..AgentOptions::default()
         }
     }
