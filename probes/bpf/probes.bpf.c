@@ -592,7 +592,9 @@ int sched_switch_btf(__u64 *ctx)
 	struct task_struct *next = (struct task_struct *)ctx[2];
 	__u32 prev_state = (__u32)ctx[3];
 
-	__u32 pc = comp_of(prev);
+	/* The idle task (pid 0, about every other switch on a quiet CPU) is never tracked: no
+	 * storage lookup for it. */
+	__u32 pc = prev->pid ? comp_of(prev) : 0;
 	if (pc) {
 		__u32 comp = pc - 1;
 		struct runq_val *v = bpf_map_lookup_elem(&runq, &comp);
