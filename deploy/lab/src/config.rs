@@ -156,7 +156,7 @@ impl LabConfig {
         }
     }
 
-    /// Same as [`LabConfig::new`] with free ports picked by the kernel, on loopback (for tests;
+    /// Same as [`LabConfig::new`] with free ports picked at random, on loopback (for tests;
     /// ask for namespaces with [`LabConfig::with_isolation`]).
     pub fn ephemeral(
         root: impl Into<PathBuf>,

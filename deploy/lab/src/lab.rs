@@ -78,7 +78,7 @@ impl Lab {
     /// are ready. On failure, whatever was started is stopped again and the error names the
     /// component, its deadline and the last lines of its log.
     ///
-    /// A port the kernel picked ([`LabConfig::ephemeral`]) that something else took between
+    /// A port picked as free ([`LabConfig::ephemeral`]) that something else took between
     /// the pick and the check is replaced by another free port, up to [`PORT_REPICKS`] times;
     /// a fixed or caller-set port that is taken is an error at once.
     pub async fn start(mut config: LabConfig) -> Result<Lab> {

@@ -26,7 +26,7 @@ pub const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
 pub enum PortsMode {
     /// The fixed demo ports.
     Default,
-    /// Free ports picked by the kernel.
+    /// Free ports, picked at random below the kernel's range for outgoing connections.
     Ephemeral,
 }
 
@@ -46,7 +46,7 @@ impl FromStr for PortsMode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortPlan {
     ports: BTreeMap<Component, BTreeMap<String, u16>>,
-    /// Ports the kernel picked (not fixed, not set by the caller): another free one may replace
+    /// Ports picked as free (not fixed, not set by the caller): another free one may replace
     /// such a port when something else takes it before its component starts.
     #[serde(skip)]
     picked: BTreeSet<(Component, String)>,
@@ -94,17 +94,17 @@ impl PortPlan {
         Ok(PortPlan { ports, picked })
     }
 
-    /// Whether the kernel picked this port (see [`PortPlan::ephemeral`]) and nobody set it since.
+    /// Whether this port was picked as free (see [`PortPlan::ephemeral`]) and nobody set it since.
     pub fn is_picked(&self, component: Component, name: &str) -> bool {
         self.picked.contains(&(component, name.to_string()))
     }
 
-    /// Replaces a port the kernel picked with another free one, distinct from every port of the
+    /// Replaces a port picked as free with another free one, distinct from every port of the
     /// plan; returns it. Fails for a port that was not picked (a fixed or caller-set port).
     pub fn repick(&mut self, component: Component, name: &str) -> Result<u16> {
         if !self.is_picked(component, name) {
             return Err(anyhow::anyhow!(
-                "the {name} port of {component} was not picked by the kernel; not replacing it"
+                "the {name} port of {component} was fixed or set, not picked; not replacing it"
             )
             .into());
         }

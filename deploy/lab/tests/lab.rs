@@ -563,7 +563,7 @@ async fn preflight_errors_are_clear() {
     }
 }
 
-/// A port the kernel picked that something else takes before the lab starts is replaced by
+/// A port picked as free that something else takes before the lab starts is replaced by
 /// another free one (a caller-set port is not: see `preflight_errors_are_clear`).
 #[tokio::test]
 async fn a_picked_port_taken_meanwhile_is_replaced() {
