@@ -245,12 +245,14 @@ impl Kernel {
         // program then counts each retransmitted skb as one segment.
         let have_btf = u32::from(std::path::Path::new(BTF_PATH).is_file());
         // Where the kernel keeps "this queue stamps each request's issue time" (block I/O):
-        // known, the issue program leaves those requests to the kernel's own stamp.
-        let queue_flag_stats_bit = if kernel_block_stamps {
-            queue_flag_stats_bit()
-        } else {
-            u32::MAX
-        };
+        // known, the issue program leaves those requests to the kernel's own stamp. Read from
+        // the kernel's BTF (megabytes) only when the block I/O probe is attached.
+        let queue_flag_stats_bit =
+            if kernel_block_stamps && ok_probes.iter().any(|p| p.name == "block_io") {
+                queue_flag_stats_bit()
+            } else {
+                u32::MAX
+            };
         let mut ebpf = EbpfLoader::new()
             // `task_infos` (task-local storage) has no typed API in aya; only the programs use it.
             .allow_unsupported_maps()
