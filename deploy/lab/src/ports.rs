@@ -201,11 +201,14 @@ impl PortPlan {
 const PICK_FLOOR: u16 = 10_000;
 
 /// The kernel's range for the local ports of outgoing connections
-/// (`net.ipv4.ip_local_port_range`).
+/// (`net.ipv4.ip_local_port_range`), read once per process.
 fn local_port_range() -> Option<(u16, u16)> {
-    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    let mut it = text.split_whitespace().map(str::parse::<u16>);
-    Some((it.next()?.ok()?, it.next()?.ok()?))
+    static RANGE: std::sync::OnceLock<Option<(u16, u16)>> = std::sync::OnceLock::new();
+    *RANGE.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+        let mut it = text.split_whitespace().map(str::parse::<u16>);
+        Some((it.next()?.ok()?, it.next()?.ok()?))
+    })
 }
 
 /// A free port on 127.0.0.1 and its listener (hold it to keep the port).
