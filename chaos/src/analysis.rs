@@ -223,11 +223,24 @@ pub fn analyse(
     // second are all answered 201 with p99 within the bound. (Later latency blips on a
     // busy machine do not undo a recovery that happened.)
     let settle_ms = RECOVERY_WINDOW_S * 1000.0;
-    let full_recovery = candidates.into_iter().find(|&t| {
-        let queues = samples_after
+    // The queues' state at `t` is what the last sample at or before `t` saw: a queue that was
+    // full just before the fault ended is not known to be drained until a sample shows it, so
+    // the recovery is never earlier than the first sample that does (the sampling interval is
+    // the measurement's resolution).
+    let known_at = |t: f64| {
+        samples
             .iter()
-            .filter(|s| s.t_ms as f64 >= t)
-            .all(|s| queues_ok(s))
+            .map(|s| s.t_ms as f64)
+            .filter(|&st| st <= t)
+            .reduce(f64::max)
+            .unwrap_or(t)
+    };
+    let full_recovery = candidates.into_iter().find(|&t| {
+        let since = known_at(t);
+        let queues = samples
+            .iter()
+            .filter(|s| s.t_ms as f64 >= since)
+            .all(&queues_ok)
             && samples_after.iter().any(|s| s.t_ms as f64 >= t);
         let window_end = (t + settle_ms).min(marks.load_end_ms as f64);
         let next: Vec<&&LedgerEntry> = entries
@@ -406,5 +419,49 @@ mod tests {
         assert_eq!(m.peak_spool, 5.0);
         assert_eq!(m.during.queued, 100);
         assert_eq!(m.per_second.len(), 30);
+    }
+
+    #[test]
+    fn recovery_waits_for_a_sample_that_shows_the_queue_drained() {
+        // The fault ends at 20.0 s, between two samples: the one at 19.9 s still sees the
+        // queue full, the one at 20.1 s sees it empty, and the orders after 20.0 s are all
+        // fast 201s. The queue is not known to be drained before 20.1 s.
+        let mut ledger = Vec::new();
+        for t in (0..10_000).step_by(100) {
+            ledger.push(e(t, 2, Outcome::Accepted));
+        }
+        for t in (10_000..20_000).step_by(100) {
+            ledger.push(e(t, 1, Outcome::Queued));
+        }
+        for t in (20_000..30_000).step_by(100) {
+            ledger.push(e(t, 2, Outcome::Accepted));
+        }
+        let samples: Vec<Sample> = (0..150)
+            .map(|i| 100 + i * 200)
+            .map(|t| {
+                sample(
+                    t,
+                    if (10_000..20_000).contains(&t) {
+                        905.0
+                    } else {
+                        0.0
+                    },
+                )
+            })
+            .collect();
+        let marks = Marks {
+            load_start_ms: 0,
+            inject_ms: 10_000,
+            fault_end_ms: 20_000,
+            heal_ms: 20_000,
+            load_end_ms: 30_000,
+        };
+        let m = analyse(&ledger, &samples, &marks, 10.0);
+        assert_eq!(m.full_recovery_s, Some(0.1));
+        // With the queue already empty in the last sample before the fault ended, the
+        // recovery is immediate.
+        let calm: Vec<Sample> = samples.iter().map(|s| sample(s.t_ms, 0.0)).collect();
+        let m = analyse(&ledger, &calm, &marks, 10.0);
+        assert_eq!(m.full_recovery_s, Some(0.0));
     }
 }
