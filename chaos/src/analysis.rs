@@ -362,24 +362,30 @@ mod tests {
         }
     }
 
+    /// One order every 100 ms through each phase: (time range in ms, latency in ms, outcome).
+    fn every_100ms(phases: &[(std::ops::Range<u64>, u64, Outcome)]) -> Vec<LedgerEntry> {
+        phases
+            .iter()
+            .flat_map(|(range, latency_ms, outcome)| {
+                range
+                    .clone()
+                    .step_by(100)
+                    .map(move |t| e(t, *latency_ms, *outcome))
+            })
+            .collect()
+    }
+
     #[test]
     fn a_partition_story() {
         // Baseline 0-10 s at 2 ms; cut at 10 s: orders wait for the gateway's 800 ms timeout
         // and are queued, and once its queue holds something, new orders are queued at once;
         // heal at 20 s; the queue drains by 20.3 s.
-        let mut ledger = Vec::new();
-        for t in (0..10_000).step_by(100) {
-            ledger.push(e(t, 2, Outcome::Accepted));
-        }
-        for t in (10_000..10_800).step_by(100) {
-            ledger.push(e(t, 800, Outcome::Queued));
-        }
-        for t in (10_800..20_300).step_by(100) {
-            ledger.push(e(t, 1, Outcome::Queued));
-        }
-        for t in (20_300..30_000).step_by(100) {
-            ledger.push(e(t, 2, Outcome::Accepted));
-        }
+        let ledger = every_100ms(&[
+            (0..10_000, 2, Outcome::Accepted),
+            (10_000..10_800, 800, Outcome::Queued),
+            (10_800..20_300, 1, Outcome::Queued),
+            (20_300..30_000, 2, Outcome::Accepted),
+        ]);
         let mut samples = Vec::new();
         for t in (0..30_000).step_by(200) {
             samples.push(sample(
@@ -426,16 +432,11 @@ mod tests {
         // The fault ends at 20.0 s, between two samples: the one at 19.9 s still sees the
         // queue full, the one at 20.1 s sees it empty, and the orders after 20.0 s are all
         // fast 201s. The queue is not known to be drained before 20.1 s.
-        let mut ledger = Vec::new();
-        for t in (0..10_000).step_by(100) {
-            ledger.push(e(t, 2, Outcome::Accepted));
-        }
-        for t in (10_000..20_000).step_by(100) {
-            ledger.push(e(t, 1, Outcome::Queued));
-        }
-        for t in (20_000..30_000).step_by(100) {
-            ledger.push(e(t, 2, Outcome::Accepted));
-        }
+        let ledger = every_100ms(&[
+            (0..10_000, 2, Outcome::Accepted),
+            (10_000..20_000, 1, Outcome::Queued),
+            (20_000..30_000, 2, Outcome::Accepted),
+        ]);
         let samples: Vec<Sample> = (0..150)
             .map(|i| 100 + i * 200)
             .map(|t| {
