@@ -23,9 +23,9 @@ fn trailing(kind: u32, vlen: usize) -> Option<usize> {
         // STRUCT, UNION, DATASEC: 12 bytes per member / variable.
         4 | 5 | 15 => 12 * vlen,
         // ENUM and FUNC_PROTO: 8 bytes per enumerator / parameter.
-        6 | 13 => 8 * vlen,
+        KIND_ENUM | 13 => 8 * vlen,
         // ENUM64: name, low and high 32 bits of the value.
-        19 => 12 * vlen,
+        KIND_ENUM64 => 12 * vlen,
         _ => return None,
     })
 }
@@ -56,7 +56,7 @@ pub fn enumerator_value(btf: &[u8], name: &str) -> Option<i64> {
         let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
         let body = at + 12;
         if kind == KIND_ENUM || kind == KIND_ENUM64 {
-            let step = if kind == KIND_ENUM { 8 } else { 12 };
+            let step = trailing(kind, 1)?;
             for i in 0..vlen {
                 let e = body + i * step;
                 if str_at(strings, u32_at(types, e)?)? == name.as_bytes() {
