@@ -257,11 +257,17 @@ async fn load_orders(
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
+    // Not a prepared statement: PostgreSQL then plans it for these ids and the table as it is
+    // now. Prepared, it switches to a generic plan after five executions; on a fresh database
+    // (no statistics until autovacuum's first ANALYZE, a minute or more in) that plan is made
+    // while `orders` is tiny — a sequential scan — and kept: every batch then read the whole,
+    // growing table, and PostgreSQL spent 3× the CPU under load (docs/persistence.md).
     let rows = sqlx::query(concat!(
         "SELECT ",
         order_columns!(),
         " FROM orders WHERE order_id = ANY($1)"
     ))
+    .persistent(false)
     .bind(ids)
     .fetch_all(&mut *conn)
     .await?;

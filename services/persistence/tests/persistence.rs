@@ -923,6 +923,80 @@ async fn persistence_against_real_postgres_and_rabbitmq() {
     rows_api_duplicates_gaps_poison(&pg, &rabbit).await;
     refused_message_is_quarantined(&pg, &rabbit).await;
     postgres_outage_and_broker_disconnect(&pg, &rabbit).await;
+    lookups_follow_the_table_as_it_grows(&pg, &rabbit).await;
+}
+
+/// A fresh database has no statistics until autovacuum's first `ANALYZE`. The per-batch
+/// lookup of the orders a batch touches must use the primary key once `orders` has grown,
+/// not a plan made while it was tiny (a prepared statement's cached generic plan: a
+/// sequential scan that then reads the whole table in every batch).
+async fn lookups_follow_the_table_as_it_grows(pg: &Postgres, rabbit: &Rabbit) {
+    pg.create_database("plans");
+    let svc = Service::start(&pg.url("plans"), &rabbit.url()).await;
+    let publisher = Publisher::connect(&rabbit.url()).await;
+    let (mut seq, mut id) = (1, 1);
+    let mut one_batch = |pairs: usize| {
+        let mut events = Vec::new();
+        for _ in 0..pairs {
+            events.extend(pair(seq, id));
+            seq += 3;
+            id += 2;
+        }
+        events
+    };
+    // Small batches one at a time while the table is tiny: past the five executions after
+    // which PostgreSQL may switch a prepared statement to a generic plan.
+    // Waits on /metrics, not /v1/stats: the stats count rows with sequential scans.
+    let wait = |n: i64| svc.wait_metric("persistence_contiguous_seq", "", n as f64);
+    let mut persisted = 0;
+    for _ in 0..10 {
+        let events = one_batch(1);
+        persisted += events.len() as i64;
+        publisher.batch(&events).await;
+        wait(persisted).await;
+    }
+    // The table grows...
+    let events = one_batch(3_000);
+    persisted += events.len() as i64;
+    publisher.batch(&events).await;
+    wait(persisted).await;
+    // ...and small batches go on.
+    for _ in 0..20 {
+        let events = one_batch(1);
+        persisted += events.len() as i64;
+        publisher.batch(&events).await;
+        wait(persisted).await;
+    }
+    publisher.close().await;
+    svc.stop().await;
+
+    // A backend's table statistics are flushed when it exits: wait for the service's.
+    let pool = sqlx::PgPool::connect(&pg.url("plans")).await.unwrap();
+    eventually("the service's sessions ended", DEADLINE, || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'persistence'",
+        )
+        .fetch_one(&pool)
+        .await
+        .ok()?;
+        (n == 0).then_some(())
+    })
+    .await;
+    let (rows, seq_tup_read): (i64, i64) = sqlx::query_as(
+        "SELECT n_live_tup, seq_tup_read FROM pg_stat_user_tables WHERE relname = 'orders'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, (id - 1) as i64, "every order has its row");
+    // Twenty sequential scans of the grown table would read over 120,000 rows; lookups by key
+    // read none, and the scans of the tiny table read a few dozen.
+    assert!(
+        seq_tup_read < rows,
+        "batch lookups scanned the whole orders table: {seq_tup_read} rows read \
+         sequentially for {rows} rows"
+    );
+    pool.close().await;
 }
 
 /// Bad configuration: exit code 64 and a message naming the key, before binding.
