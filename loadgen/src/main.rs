@@ -7,6 +7,11 @@ use loadgen::run::RunSpec;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// jemalloc: at thousands of orders per second glibc's malloc and free were a fifth of the
+/// generator's CPU, on the same cores as the exchange it measures (docs/loadgen.md).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     version,

@@ -22,6 +22,10 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// jemalloc, as `loadgen` uses: the generator shares the two cores with the exchange.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     about = "End-to-end throughput and latency of the exchange, against the pipeline's ceiling"
