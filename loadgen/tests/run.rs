@@ -102,6 +102,13 @@ async fn sends_the_planned_rate() {
         (span_s - 4.999).abs() / 4.999 < 0.01,
         "sends spanned {span_s} s"
     );
+    // Late is counted; early never happens (it would understate latency).
+    let early = l
+        .entries
+        .iter()
+        .filter(|e| e.sent_us < e.intended_us)
+        .count();
+    assert_eq!(early, 0, "{early} orders left before their intended time");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap())
             .unwrap();
