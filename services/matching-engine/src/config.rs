@@ -45,6 +45,13 @@ pub struct AmqpConfig {
     pub confirm_timeout_ms: u64,
     /// Reconnect backoff cap.
     pub reconnect_max_ms: u64,
+    /// Least time between the starts of two publishes. Under load the outbox would otherwise
+    /// publish as soon as the previous confirm arrives (every ~3 ms, ~14 events a message at
+    /// 3,000 orders/s); waiting makes fewer, larger messages, and RabbitMQ's cost is per
+    /// message. Events wait at most this long more before they leave; acknowledgements do not
+    /// wait (they come from the journal). At low rates, where publishes are further apart
+    /// than this, nothing waits. 0 publishes as fast as confirms come back.
+    pub publish_interval_ms: u64,
 }
 
 impl Default for AmqpConfig {
@@ -54,6 +61,7 @@ impl Default for AmqpConfig {
             batch_events_max: 1000,
             confirm_timeout_ms: 5_000,
             reconnect_max_ms: 2_000,
+            publish_interval_ms: 10,
         }
     }
 }
@@ -99,6 +107,12 @@ impl Validate for EngineConfig {
             return Err(ConfigError::invalid(
                 "amqp.reconnect_max_ms",
                 "must be between 10 and 60000",
+            ));
+        }
+        if self.amqp.publish_interval_ms > 1_000 {
+            return Err(ConfigError::invalid(
+                "amqp.publish_interval_ms",
+                "must be between 0 and 1000",
             ));
         }
         if !(1..=65_536).contains(&self.journal.group_commit_max) {

@@ -179,7 +179,15 @@ impl Outbox {
     ) -> Result<(), PublishError> {
         let mut last_sync = Instant::now();
         let (mut offset, mut confirmed_seq) = checkpoint.get();
+        let interval = Duration::from_millis(self.config.publish_interval_ms);
+        let mut next_publish = Instant::now();
         loop {
+            if Instant::now() < next_publish {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next_publish.into()) => {}
+                    _ = self.shutdown.wait() => return Ok(()),
+                }
+            }
             let durable = *self.durable.borrow_and_update();
             if offset >= durable.offset {
                 if checkpoint.get().0 != offset {
@@ -210,6 +218,7 @@ impl Outbox {
             body.extend_from_slice(&chunk.events_json);
             body.push(b'}');
             let started = Instant::now();
+            next_publish = started + interval;
             let now_secs = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
