@@ -279,6 +279,7 @@ struct Pacer {
 impl Pacer {
     /// The longest single sleep, so that a stop is noticed at low rates too.
     const MAX_SLEEP: Duration = Duration::from_millis(50);
+    /// The least time between two wakes: above 1,000 orders/s one wake sends several.
     const MIN_WAKE_INTERVAL: Duration = Duration::from_millis(1);
 
     fn start(start: Instant, rate_per_sec: f64, planned: u64) -> Pacer {

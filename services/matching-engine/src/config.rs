@@ -46,8 +46,8 @@ pub struct AmqpConfig {
     /// Reconnect backoff cap.
     pub reconnect_max_ms: u64,
     /// Least time between the starts of two publishes. Under load the outbox would otherwise
-    /// publish as soon as the previous confirm arrives (every ~3 ms, ~14 events a message at
-    /// 3,000 orders/s); waiting makes fewer, larger messages, and RabbitMQ's cost is per
+    /// publish as soon as the previous confirm arrives (every ~2–3 ms, about 10 events a message
+    /// at 3,000 orders/s); waiting makes fewer, larger messages, and RabbitMQ's cost is per
     /// message. Events wait at most this long more before they leave; acknowledgements do not
     /// wait (they come from the journal). At low rates, where publishes are further apart
     /// than this, nothing waits. 0 publishes as fast as confirms come back.

@@ -944,11 +944,11 @@ async fn lookups_follow_the_table_as_it_grows(pg: &Postgres, rabbit: &Rabbit) {
         }
         events
     };
-    // Small batches one at a time while the table is tiny: past the five executions after
-    // which PostgreSQL may switch a prepared statement to a generic plan.
     // Waits on /metrics, not /v1/stats: the stats count rows with sequential scans.
     let wait = |n: i64| svc.wait_metric("persistence_contiguous_seq", "", n as f64);
     let mut persisted = 0;
+    // Small batches one at a time while the table is tiny: past the five executions after
+    // which PostgreSQL may switch a prepared statement to a generic plan.
     for _ in 0..10 {
         let events = one_batch(1);
         persisted += events.len() as i64;
