@@ -215,7 +215,7 @@ pub async fn run_watched(
             shared.clone(),
         ));
     }
-    pacer.stop.store(true, Ordering::Relaxed);
+    // Closing the channel stops the pacer.
     drop(ticks);
     pacer.thread.await.context("the pacing thread failed")?;
     // Let what is in flight finish (bounded by the request timeout), unless told to stop.
@@ -269,10 +269,9 @@ pub async fn run_watched(
 /// time; above 1,000 orders/s each wake sends every order that has come due (late by less than
 /// the interval, as the runtime's timers were). It hands the orders to the runtime through a
 /// bounded channel; when the runtime falls behind, the pacer waits and the sends count as late.
-/// It never sends early.
+/// It never sends early. It stops when the receiving side drops the channel.
 struct Pacer {
     ticks: tokio::sync::mpsc::Receiver<(u64, Instant)>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
     thread: tokio::task::JoinHandle<()>,
 }
 
@@ -284,8 +283,6 @@ impl Pacer {
 
     fn start(start: Instant, rate_per_sec: f64, planned: u64) -> Pacer {
         let (tx, ticks) = tokio::sync::mpsc::channel(4096);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopped = stop.clone();
         let thread = tokio::task::spawn_blocking(move || {
             let mut earliest_wake = Instant::now();
             for i in 0..planned {
@@ -293,7 +290,7 @@ impl Pacer {
                 if due > Instant::now() {
                     let wake = due.max(earliest_wake);
                     loop {
-                        if stopped.load(Ordering::Relaxed) {
+                        if tx.is_closed() {
                             return;
                         }
                         let left = wake.saturating_duration_since(Instant::now());
@@ -309,11 +306,7 @@ impl Pacer {
                 }
             }
         });
-        Pacer {
-            ticks,
-            stop,
-            thread,
-        }
+        Pacer { ticks, thread }
     }
 }
 
