@@ -51,9 +51,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-/// jemalloc, the allocator whose sampling heap profiler `/debug/pprof/heap` reads. Each service
-/// installs it with `#[global_allocator]` in its `main.rs`.
-pub use tikv_jemallocator::Jemalloc;
+/// jemalloc, the allocator whose sampling heap profiler `/debug/pprof/heap` reads (with an arena
+/// of its own for the CPU profiler's tables, [`crate::alloc`]). Each service installs it with
+/// `#[global_allocator]` in its `main.rs`.
+pub use crate::alloc::Jemalloc;
+use crate::alloc::{in_profiler_arena, release_profiler_arena};
 
 /// jemalloc's start-up options for a service, NUL-terminated for C: heap profiling compiled in
 /// and active, one sample per 2^19 bytes (512 KiB) allocated on average (measured: 1-2 % of the
@@ -538,32 +540,37 @@ pub async fn cpu_profile_measured(
     // The blocking thread waits on this channel: a timeout means the profile is complete; a
     // disconnect means this future was dropped.
     let (_alive, wait) = std::sync::mpsc::channel::<()>();
+    // Everything the profile allocates (copies of the sample table, the profile itself, and
+    // the next table when the session is renewed) comes from the profiler arena, whose pages
+    // the next profile reuses instead of faulting in new ones (crate::alloc).
     let task = tokio::task::spawn_blocking(move || {
-        let _slot = slot;
-        let cpu_at_start = thread_cpu_time();
-        let (session, baseline) = Session::resume(hz)?;
-        let setup = elapsed_cpu(cpu_at_start);
-        let waited = wait.recv_timeout(duration);
-        // The raw stacks (addresses) are copied out under the profiler's lock — samples that
-        // arrive meanwhile are dropped — and symbolized outside it.
-        let started = thread_cpu_time();
-        let end = match session.guard.report().build_unresolved() {
-            Ok(end) => end,
-            Err(e) => {
-                session.park(None);
-                return Err(e.into());
-            }
-        };
-        // A profile whose client went away is not built, but its end still serves as the
-        // next profile's baseline.
-        let cancelled = matches!(waited, Err(std::sync::mpsc::RecvTimeoutError::Disconnected));
-        let raw = (!cancelled).then(|| since(&end, baseline.as_ref(), duration, hz));
-        session.park(Some(end));
-        let Some(raw) = raw else {
-            return Err(ProfileError::Cancelled);
-        };
-        let profile = build_profile(&raw, hz);
-        Ok((profile, setup + elapsed_cpu(started)))
+        in_profiler_arena(|| {
+            let _slot = slot;
+            let cpu_at_start = thread_cpu_time();
+            let (session, baseline) = Session::resume(hz)?;
+            let setup = elapsed_cpu(cpu_at_start);
+            let waited = wait.recv_timeout(duration);
+            // The raw stacks (addresses) are copied out under the profiler's lock — samples that
+            // arrive meanwhile are dropped — and symbolized outside it.
+            let started = thread_cpu_time();
+            let end = match session.guard.report().build_unresolved() {
+                Ok(end) => end,
+                Err(e) => {
+                    session.park(None);
+                    return Err(e.into());
+                }
+            };
+            // A profile whose client went away is not built, but its end still serves as the
+            // next profile's baseline.
+            let cancelled = matches!(waited, Err(std::sync::mpsc::RecvTimeoutError::Disconnected));
+            let raw = (!cancelled).then(|| since(&end, baseline.as_ref(), duration, hz));
+            session.park(Some(end));
+            let Some(raw) = raw else {
+                return Err(ProfileError::Cancelled);
+            };
+            let profile = build_profile(&raw, hz);
+            Ok((profile, setup + elapsed_cpu(started)))
+        })
     });
     task.await
         .map_err(|e| ProfileError::Failed(format!("profiling task: {e}")))?
@@ -579,10 +586,10 @@ fn elapsed_cpu(start: Option<Duration>) -> Duration {
 
 /// A running pprof-rs profiler kept between CPU profiles.
 ///
-/// Starting pprof-rs is cheap, but stopping it is not: it replaces its sample table (68 MB:
+/// Starting pprof-rs is cheap, but stopping it is not: it replaces its sample table (80 MB:
 /// 4,096 buckets of four stacks, each a 4,160-byte key of 128 inline 32-byte frames) with a
-/// fresh one, which costs tens of milliseconds of copying and page faults every time.
-/// Continuous profiling asks for a profile every few seconds, so the profiler is kept running
+/// fresh one, which costs 40–60 ms of page faults, or 5–10 ms in the profiler arena once the
+/// arena holds the pages of a freed table ([`crate::alloc`]). Continuous profiling asks for a profile every few seconds, so the profiler is kept running
 /// for [`SESSION_LINGER`] after each profile; a profile that starts meanwhile takes the counts
 /// at its start as a baseline and reports only what was sampled after it. A session is renewed
 /// after [`SESSION_MAX_AGE`] (pprof-rs spills stacks that do not fit its table to a file that
@@ -602,6 +609,12 @@ struct Session {
 /// profiles leave no gap.
 const BACK_TO_BACK: Duration = Duration::from_secs(1);
 
+/// Counts parkings: the epoch of the next one.
+static EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// How long the profiler arena keeps its free pages after the last session stopped.
+const ARENA_KEPT_IDLE: Duration = Duration::from_secs(300);
+
 /// The parked session, if one lingers.
 static SESSION: std::sync::Mutex<Option<Session>> = std::sync::Mutex::new(None);
 
@@ -617,9 +630,11 @@ pub const SESSION_LINGER: Duration = Duration::from_secs(15);
 /// Each profile copies out everything the session has counted so far (pprof-rs has no
 /// "since"), so a profile costs more the older its session is: measured on the gateway at
 /// 100 orders/s with back-to-back 10 s profiles, from ~7 ms of CPU in a fresh session to
-/// ~30 ms after 10 minutes, and ~75 ms once to stop a session and start the next. 180 s
-/// minimizes the mean per profile (~15 ms, against ~22 ms with 600 s).
-pub const SESSION_MAX_AGE: Duration = Duration::from_secs(180);
+/// ~30 ms after 10 minutes. Renewing costs 5–10 ms in the profiler arena (it was ~75 ms when
+/// each new table faulted its pages in, and 180 s was then the best age); at 60 s the
+/// services' steady state of back-to-back profiles went from 1.66 % to 0.90 % of their CPU
+/// (docs/profiling.md).
+pub const SESSION_MAX_AGE: Duration = Duration::from_secs(60);
 
 impl Session {
     /// The parked session if it samples at `hz` and is young enough (with a snapshot of its
@@ -661,7 +676,6 @@ impl Session {
     /// timer that stops it unless a profile resumed it first.
     fn park(mut self, end: Option<pprof::UnresolvedReport>) {
         self.last = end.map(|r| (std::time::Instant::now(), r));
-        static EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let epoch = EPOCH.fetch_add(1, Ordering::SeqCst);
         self.epoch = epoch;
         *SESSION
@@ -680,19 +694,27 @@ impl Session {
                         _ => None,
                     }
                 };
-                if expired.is_some() {
-                    drop(expired);
-                    metrics::gauge!(SAMPLING_GAUGE).set(0.0);
+                if expired.is_none() {
+                    return;
+                }
+                // Stopping pprof-rs builds its next table: in the arena, like every table.
+                in_profiler_arena(|| drop(expired));
+                metrics::gauge!(SAMPLING_GAUGE).set(0.0);
+                // The arena keeps the freed table's pages for the next session; when none has
+                // come for a while, they go back to the kernel.
+                std::thread::sleep(ARENA_KEPT_IDLE);
+                if EPOCH.load(Ordering::SeqCst) == epoch + 1 {
+                    release_profiler_arena();
                 }
             });
         if timer.is_err() {
             // No thread for the timer: stop now rather than sample forever.
-            drop(
-                SESSION
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .take(),
-            );
+            let parked = SESSION
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            in_profiler_arena(|| drop(parked));
+            release_profiler_arena();
             metrics::gauge!(SAMPLING_GAUGE).set(0.0);
         }
     }

@@ -6,6 +6,8 @@
 //!   **Architecture invariant:** this is the only module in the workspace's services that
 //!   reads the environment.
 //! * [`telemetry`]: `tracing` logs, human by default, JSON on request.
+//! * [`alloc`]: jemalloc as the global allocator, with an arena of its own for the CPU
+//!   profiler's sample tables.
 //! * [`debug`]: `/debug/pprof` (CPU profiles, jemalloc heap profiles) behind a loopback-or-token
 //!   guard, and the jemalloc allocator every service installs.
 //! * [`metrics`]: the Prometheus recorder with real histogram buckets, and process metrics.
@@ -17,6 +19,7 @@
 //!   spool and the engine journal.
 //! * [`spool`]: the durable retry queue, an fsync'ed, bounded, append-only log on disk.
 
+pub mod alloc;
 pub mod amqp;
 pub mod checkpoint;
 pub mod config;
