@@ -112,9 +112,9 @@ struct OverheadArgs {
     /// continuously meanwhile, so their first symbolization is not in the windows.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     warmup: Duration,
-    /// With `--subject profiling`: after the windows, profile back to back this long (one
-    /// whole pprof-rs session and its renewal: the steady state of a continuous profiler);
-    /// 0s skips it [default: kit's session age plus two profiles].
+    /// With `--subject profiling`: after the windows, profile back to back this long (whole
+    /// pprof-rs sessions and their renewals: the steady state of a continuous profiler);
+    /// 0s skips it [default: three times kit's session age plus two profiles].
     #[arg(long, value_parser = humantime::parse_duration)]
     steady: Option<Duration>,
     /// Where to write the JSON report [default: target/bench/<subject>-overhead.json].
@@ -300,7 +300,7 @@ async fn overhead_cmd(a: OverheadArgs) -> anyhow::Result<()> {
         profile_seconds: a.profile.as_secs().max(1),
         warmup: a.warmup,
         steady: a.steady.unwrap_or(
-            kit::debug::SESSION_MAX_AGE + 2 * Duration::from_secs(a.profile.as_secs().max(1)),
+            3 * kit::debug::SESSION_MAX_AGE + 2 * Duration::from_secs(a.profile.as_secs().max(1)),
         ),
         json: a
             .json

@@ -355,7 +355,7 @@ async fn back_to_back(
 /// The steady-state phase: back-to-back profiles of every service for `opts.steady`.
 async fn steady_phase(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Steady> {
     eprintln!(
-        "  steady state: back-to-back {} s profiles for {} s (one pprof-rs session and its renewal)",
+        "  steady state: back-to-back {} s profiles for {} s (whole pprof-rs sessions and their renewals)",
         opts.profile_seconds,
         opts.steady.as_secs()
     );
