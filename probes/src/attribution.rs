@@ -104,24 +104,34 @@ impl Attribution {
             has_lab: true,
             ..Attribution::default()
         };
-        let parents = procfs::parents();
-        let mut explicit: Vec<(u32, Vec<u32>)> = Vec::new();
+        // Processes whose children must be found through the host's process tree: those the
+        // state names that are not in one of their component's cgroups (a cgroup already lists
+        // every process in it, children included, so the walk over every /proc/PID/stat on
+        // the host is skipped when each named process is in its cgroup).
+        let mut outside_cgroups: Vec<(u32, Vec<u32>)> = Vec::new();
         for c in &state.components {
             let idx = registry.index(&c.name);
-            let mut roots: Vec<u32> = c
+            let named: Vec<u32> = c
                 .pid
                 .into_iter()
                 .chain(c.aux_pids.iter().copied())
                 .collect();
+            let mut in_cgroups: HashSet<u32> = HashSet::new();
             for path in &c.cgroups {
                 for dir in procfs::cgroup_dirs(path, cgroup_root) {
-                    roots.extend(procfs::cgroup_procs(&dir));
+                    in_cgroups.extend(procfs::cgroup_procs(&dir));
                 }
             }
-            for &pid in &roots {
+            for &pid in named.iter().chain(&in_cgroups) {
                 a.by_tgid.entry(pid).or_insert(idx);
             }
-            explicit.push((idx, roots));
+            let outside: Vec<u32> = named
+                .into_iter()
+                .filter(|p| !in_cgroups.contains(p))
+                .collect();
+            if !outside.is_empty() {
+                outside_cgroups.push((idx, outside));
+            }
             for &port in &c.ports {
                 a.by_port.entry(port).or_default().push((c.address, idx));
             }
@@ -129,9 +139,12 @@ impl Attribution {
                 a.by_address.insert(addr, idx);
             }
         }
-        for (idx, roots) in &explicit {
-            for pid in procfs::with_descendants(roots, &parents) {
-                a.by_tgid.entry(pid).or_insert(*idx);
+        if !outside_cgroups.is_empty() {
+            let parents = procfs::parents();
+            for (idx, roots) in &outside_cgroups {
+                for pid in procfs::with_descendants(roots, &parents) {
+                    a.by_tgid.entry(pid).or_insert(*idx);
+                }
             }
         }
         for (&tgid, &idx) in &a.by_tgid {

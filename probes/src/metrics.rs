@@ -111,8 +111,12 @@ const BLOCK_SLOTS: (usize, usize) = (11, 35); // 4 µs .. 69 s
 const CONNECT_SLOTS: (usize, usize) = (14, 38); // 33 µs .. 550 s (covers a 127 s SYN timeout)
 const LIFETIME_SLOTS: (usize, usize) = (16, 38); // 131 µs .. 550 s
 
-fn escape(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
+/// Appends `v` escaped as a label value.
+fn escape_into(out: &mut String, v: &str) {
+    if !v.contains(['\\', '"', '\n']) {
+        out.push_str(v);
+        return;
+    }
     for c in v.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
@@ -121,18 +125,34 @@ fn escape(v: &str) -> String {
             c => out.push(c),
         }
     }
+}
+
+/// Appends `k="v",` for each pair: the inside of a label set, each pair followed by a comma.
+fn label_pairs(out: &mut String, pairs: &[(&str, &str)]) {
+    for (k, v) in pairs {
+        out.push_str(k);
+        out.push_str("=\"");
+        escape_into(out, v);
+        out.push_str("\",");
+    }
+}
+
+/// `{k="v",...}`, or nothing for no labels.
+#[cfg(test)]
+fn labels(pairs: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    write_labels(&mut out, pairs);
     out
 }
 
-fn labels(pairs: &[(&str, &str)]) -> String {
+fn write_labels(out: &mut String, pairs: &[(&str, &str)]) {
     if pairs.is_empty() {
-        return String::new();
+        return;
     }
-    let inner: Vec<String> = pairs
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-        .collect();
-    format!("{{{}}}", inner.join(","))
+    out.push('{');
+    label_pairs(out, pairs);
+    out.pop();
+    out.push('}');
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -140,10 +160,23 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 fn sample(out: &mut String, name: &str, pairs: &[(&str, &str)], value: impl std::fmt::Display) {
-    let _ = writeln!(out, "{name}{} {value}", labels(pairs));
+    out.push_str(name);
+    write_labels(out, pairs);
+    let _ = writeln!(out, " {value}");
 }
 
-/// Renders one log2 histogram series with buckets `le = 2^(k+1) ns` for k in `range`.
+/// The `le` of log2 slot `k`: 2^(k+1) ns in seconds, formatted once per process.
+fn le_label(k: usize) -> &'static str {
+    static LE: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    &LE.get_or_init(|| {
+        (0..HIST_SLOTS)
+            .map(|k| format!("{}", (1u64 << (k + 1)) as f64 / 1e9))
+            .collect()
+    })[k]
+}
+
+/// Renders one log2 histogram series with buckets `le = 2^(k+1) ns` for k in `range`. Written
+/// straight into `out` (the labels once per series): Prometheus scrapes the agent every second.
 fn histogram(
     out: &mut String,
     name: &str,
@@ -151,6 +184,8 @@ fn histogram(
     h: &Log2Hist,
     range: (usize, usize),
 ) {
+    let mut prefix = String::new();
+    label_pairs(&mut prefix, pairs);
     let mut cumulative: u64 = 0;
     let total: u64 = h.slots.iter().sum();
     for k in 0..HIST_SLOTS.min(range.1 + 1) {
@@ -158,23 +193,27 @@ fn histogram(
         if k < range.0 {
             continue;
         }
-        let le = (1u64 << (k + 1)) as f64 / 1e9;
-        let le = format!("{le}");
-        let mut p: Vec<(&str, &str)> = pairs.to_vec();
-        p.push(("le", &le));
-        sample(out, &format!("{name}_bucket"), &p, cumulative);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{prefix}le=\"{}\"}} {cumulative}",
+            le_label(k)
+        );
     }
-    let mut p: Vec<(&str, &str)> = pairs.to_vec();
-    p.push(("le", "+Inf"));
-    sample(out, &format!("{name}_bucket"), &p, total);
-    sample(out, &format!("{name}_sum"), pairs, h.sum_ns as f64 / 1e9);
-    sample(out, &format!("{name}_count"), pairs, total);
+    let _ = writeln!(out, "{name}_bucket{{{prefix}le=\"+Inf\"}} {total}");
+    out.push_str(name);
+    out.push_str("_sum");
+    write_labels(out, pairs);
+    let _ = writeln!(out, " {}", h.sum_ns as f64 / 1e9);
+    out.push_str(name);
+    out.push_str("_count");
+    write_labels(out, pairs);
+    let _ = writeln!(out, " {total}");
 }
 
 impl Aggregates {
     /// The Prometheus text exposition of every probe metric.
     pub fn render(&self) -> String {
-        let mut out = String::new();
+        let mut out = String::with_capacity(128 * 1024);
 
         let name = "probes_tcp_retransmits_total";
         header(
