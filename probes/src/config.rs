@@ -65,6 +65,11 @@ pub struct AgentConfig {
     /// Time block requests from the kernel's own issue stamp where the queue keeps one;
     /// `false`: the programs time every request themselves (a map entry per request).
     pub kernel_block_stamps: bool,
+    /// Attach only these probes (names as `probes check` lists them: `tcp_retransmit`,
+    /// `tcp_lifecycle`, `tcp_resets`, `runqueue`, `block_io`, `oom`); unset: all of them. Leaving out
+    /// `runqueue` removes the one program that runs on every context switch of the machine,
+    /// most of the agent's cost (docs/probes.md).
+    pub probes: Option<Vec<String>>,
 }
 
 impl Default for AgentConfig {
@@ -79,6 +84,7 @@ impl Default for AgentConfig {
             rescan_interval_ms: d.rescan_interval.as_millis() as u64,
             scan_sockets: true,
             kernel_block_stamps: d.kernel_block_stamps,
+            probes: None,
         }
     }
 }
@@ -112,6 +118,21 @@ impl Validate for ProbesConfig {
                 "must be between agent.refresh_interval_ms and 600000",
             ));
         }
+        if let Some(list) = &a.probes {
+            let known: Vec<&str> = crate::kernel::PROBES.iter().map(|p| p.name).collect();
+            if list.is_empty() {
+                return Err(ConfigError::invalid(
+                    "agent.probes",
+                    format!("is empty: name at least one of {}", known.join(", ")),
+                ));
+            }
+            if let Some(bad) = list.iter().find(|n| !known.contains(&n.as_str())) {
+                return Err(ConfigError::invalid(
+                    "agent.probes",
+                    format!("unknown probe {bad:?}: the probes are {}", known.join(", ")),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -128,6 +149,7 @@ impl ProbesConfig {
             rescan_interval: Duration::from_millis(self.agent.rescan_interval_ms),
             scan_sockets: self.agent.scan_sockets,
             kernel_block_stamps: self.agent.kernel_block_stamps,
+            probes: self.agent.probes.clone(),
             ..AgentOptions::default()
         }
     }
@@ -152,6 +174,22 @@ mod tests {
                 .to_string()
                 .contains("agent.poll_interval_ms")
         );
+        assert_eq!(o.probes, None);
+        let mut some = c.clone();
+        some.agent.probes = Some(vec!["tcp_retransmit".into(), "oom".into()]);
+        assert!(some.validate().is_ok());
+        assert_eq!(
+            some.agent_options().probes,
+            Some(vec!["tcp_retransmit".to_string(), "oom".to_string()])
+        );
+        some.agent.probes = Some(vec!["runq".into()]);
+        let why = some.validate().unwrap_err().to_string();
+        assert!(
+            why.contains("agent.probes") && why.contains("\"runq\""),
+            "{why}"
+        );
+        some.agent.probes = Some(vec![]);
+        assert!(some.validate().unwrap_err().to_string().contains("empty"));
         assert_eq!(o.rescan_interval, Duration::from_secs(10));
         let mut bad = c.clone();
         bad.agent.rescan_interval_ms = bad.agent.refresh_interval_ms - 1;
