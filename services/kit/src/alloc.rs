@@ -26,6 +26,7 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
 use std::ffi::{CString, c_void};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tikv_jemalloc_sys as ffi;
 
 /// jemalloc as the global allocator, routing the calling thread's allocations to the profiler
@@ -44,8 +45,17 @@ fn arena_flags(arena: u32) -> i32 {
     ((arena as i32) + 1) << 20
 }
 
+/// Threads inside [`in_profiler_arena`] right now. Every allocation of the process asks
+/// [`routed`]; while this is 0 (nearly always) the answer is one load of a shared, read-mostly
+/// word, without touching the thread-local.
+static ROUTING: AtomicUsize = AtomicUsize::new(0);
+
 /// The extra `mallocx` flags for this thread's allocations, or `None` for the plain path.
+#[inline(always)]
 fn routed(layout: &Layout) -> Option<i32> {
+    if ROUTING.load(Ordering::Relaxed) == 0 {
+        return None;
+    }
     let route = ROUTE.try_with(Cell::get).unwrap_or(0);
     if route == 0 {
         return None;
@@ -156,8 +166,11 @@ pub fn in_profiler_arena<R>(f: impl FnOnce() -> R) -> R {
     impl Drop for Restore {
         fn drop(&mut self) {
             let _ = ROUTE.try_with(|r| r.set(self.0));
+            ROUTING.fetch_sub(1, Ordering::Relaxed);
         }
     }
+    // Counted before the thread-local is set: this thread's own allocations see both.
+    ROUTING.fetch_add(1, Ordering::Relaxed);
     let _restore = Restore(ROUTE.with(|r| r.replace(arena_flags(arena))));
     f()
 }
