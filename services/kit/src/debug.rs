@@ -589,9 +589,10 @@ fn elapsed_cpu(start: Option<Duration>) -> Duration {
 /// Starting pprof-rs is cheap, but stopping it is not: it replaces its sample table (80 MB:
 /// 4,096 buckets of four stacks, each a 4,160-byte key of 128 inline 32-byte frames) with a
 /// fresh one, which costs 40–60 ms of page faults, or 5–10 ms in the profiler arena once the
-/// arena holds the pages of a freed table ([`crate::alloc`]). Continuous profiling asks for a profile every few seconds, so the profiler is kept running
-/// for [`SESSION_LINGER`] after each profile; a profile that starts meanwhile takes the counts
-/// at its start as a baseline and reports only what was sampled after it. A session is renewed
+/// arena holds the pages of a freed table ([`crate::alloc`]). Continuous profiling asks for a
+/// profile every few seconds, so the profiler is kept running for [`SESSION_LINGER`] after
+/// each profile; a profile that starts meanwhile takes the counts at its start as a baseline
+/// and reports only what was sampled after it. A session is renewed
 /// after [`SESSION_MAX_AGE`] (pprof-rs spills stacks that do not fit its table to a file that
 /// only grows while it runs).
 struct Session {
