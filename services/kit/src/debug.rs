@@ -592,9 +592,8 @@ fn elapsed_cpu(start: Option<Duration>) -> Duration {
 /// arena holds the pages of a freed table ([`crate::alloc`]). Continuous profiling asks for a
 /// profile every few seconds, so the profiler is kept running for [`SESSION_LINGER`] after
 /// each profile; a profile that starts meanwhile takes the counts at its start as a baseline
-/// and reports only what was sampled after it. A session is renewed
-/// after [`SESSION_MAX_AGE`] (pprof-rs spills stacks that do not fit its table to a file that
-/// only grows while it runs).
+/// and reports only what was sampled after it. A session is renewed after [`SESSION_MAX_AGE`]
+/// (pprof-rs spills stacks that do not fit its table to a file that only grows while it runs).
 struct Session {
     guard: pprof::ProfilerGuard<'static>,
     hz: i32,
