@@ -90,14 +90,25 @@ fn must(program: &str, args: &[&str]) -> String {
 
 /// Polls `f` every 50 ms until it returns `Some`, failing after `timeout`.
 fn poll_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    poll_until_explained(what, timeout, || f().ok_or_else(|| "nothing".to_string()))
+}
+
+/// [`poll_until`] for a condition that can say what it saw instead: the failure message shows
+/// the last such answer.
+fn poll_until_explained<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(v) = f() {
-            return v;
-        }
+        let seen = match f() {
+            Ok(v) => return v,
+            Err(seen) => seen,
+        };
         assert!(
             Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
+            "timed out after {timeout:?} waiting for {what}; last seen: {seen}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -653,7 +664,7 @@ fn failed_connects_are_counted_with_their_destination() {
     );
 
     let gw = "order-gateway".to_string();
-    let a = poll_until(
+    let a = poll_until_explained(
         "5 failed connects in the agent",
         Duration::from_secs(10),
         || {
@@ -661,7 +672,23 @@ fn failed_connects_are_counted_with_their_destination() {
             let a = agent.aggregates();
             let failed = a.connect_failures.get(&(gw.clone(), dropped.to_string()))
                 + a.connect_failures.get(&(gw.clone(), closed.to_string()));
-            (failed >= 5).then_some(a)
+            if failed >= 5 {
+                return Ok(a);
+            }
+            Err(format!(
+                "connect failures {:?}, attempts {:?}, ring buffer full {}, undecodable {}, \
+                 dropped {}, {}",
+                a.connect_failures.values,
+                a.connect_attempts.values,
+                a.ringbuf_full,
+                a.undecodable_events,
+                a.events_dropped,
+                agent
+                    .component_of_pid(me)
+                    .map_or("the test process unattributed".into(), |c| format!(
+                        "the test process attributed to {c}"
+                    )),
+            ))
         },
     );
     assert_eq!(
