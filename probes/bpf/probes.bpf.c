@@ -3,13 +3,17 @@
  *
  * Programs, grouped as the agent attaches them:
  *   tcp_retransmit  tcp:tcp_retransmit_skb  -> `retrans` (count per flow and state)
- *   tcp_lifecycle   sock:inet_sock_set_state, tcp:tcp_receive_reset, tcp:tcp_send_reset
- *                                           -> `events` ring (connects, failures, resets, closes)
+ *   tcp_lifecycle   sock:inet_sock_set_state -> `events` ring (connects, failures, closes)
+ *   tcp_resets      tcp:tcp_receive_reset, tcp:tcp_send_reset -> `events` ring
  *   runqueue        sched:sched_switch (+ sched_wakeup_new; with BTF the wait is the
  *                   kernel's own sched_info accounting; without, sched_wakeup -> switch)
  *                                           -> `runq` (log2 histogram + switches per component)
  *   block_io        block:block_rq_issue / block_rq_complete -> `blk` (log2 histogram per dev, op)
  *   oom             oom:mark_victim         -> `events` ring
+ *
+ * Where the kernel has BTF, the TCP, scheduler and block programs attach as BTF raw
+ * tracepoints (tp_btf) instead of classic ones: no trace record is formatted for them, and
+ * they are not skipped while another eBPF program runs on the CPU (see tcp_retransmit_skb_btf).
  *
  * Cost is bounded: every map has a fixed size (LRU where stale entries can pile up), the ring
  * buffer drops (and counts) when full, and the scheduler programs do a single hash lookup for
@@ -18,6 +22,7 @@
 #include <linux/types.h>
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 
 #include "tracepoints.h"
 #include "shared.h"
@@ -44,6 +49,30 @@ struct sk_buff {
 	char cb[48];
 } __attribute__((preserve_access_index));
 #define TCP_SKB_CB_GSO_SEGS 8
+
+/* What the BTF raw tracepoints read of a socket, relocated against the kernel's BTF (the
+ * kernel nests most of these in anonymous unions; CO-RE finds them by name). */
+struct in6_addr {
+	union {
+		__u8 u6_addr8[16];
+	} in6_u;
+} __attribute__((preserve_access_index));
+
+struct sock_common {
+	__u32 skc_daddr;
+	__u32 skc_rcv_saddr;
+	__u16 skc_dport; /* network order */
+	__u16 skc_num;   /* host order */
+	unsigned short skc_family;
+	volatile unsigned char skc_state;
+	struct in6_addr skc_v6_daddr;
+	struct in6_addr skc_v6_rcv_saddr;
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct sock_common __sk_common;
+	__u16 sk_protocol;
+} __attribute__((preserve_access_index));
 
 /* Early exits of __tcp_retransmit_skb that fire the tracepoint without counting RetransSegs. */
 #define EAGAIN 11
@@ -184,6 +213,26 @@ static __always_inline void copy4(__u8 *dst, const __u8 *src)
 		dst[i] = src[i];
 }
 
+/* A socket's addresses and ports as the TCP tracepoints report them (ports in host order). For
+ * a connected socket the bound address and port (skc_rcv_saddr, skc_num) are the ones the
+ * tracepoints read from inet_sock. */
+static __always_inline void flow_of_sock(struct flow_key *key, struct sock *sk)
+{
+	struct sock_common *c = &sk->__sk_common;
+	key->family = c->skc_family;
+	key->sport = c->skc_num;
+	key->dport = bpf_ntohs(c->skc_dport);
+	if (key->family == AF_INET6) {
+		copy16(key->saddr, c->skc_v6_rcv_saddr.in6_u.u6_addr8);
+		copy16(key->daddr, c->skc_v6_daddr.in6_u.u6_addr8);
+	} else {
+		__u32 s4 = c->skc_rcv_saddr;
+		__u32 d4 = c->skc_daddr;
+		__builtin_memcpy(key->saddr, &s4, 4);
+		__builtin_memcpy(key->daddr, &d4, 4);
+	}
+}
+
 static __always_inline struct event *reserve(__u32 kind)
 {
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
@@ -199,18 +248,50 @@ static __always_inline struct event *reserve(__u32 kind)
 
 /* ---------------------------------------------------------------- tcp_retransmit */
 
+/* Early exits of __tcp_retransmit_skb: the tracepoint fired (6.10+), nothing was sent and
+ * RetransSegs was not counted. */
+static __always_inline int retransmit_gave_up(int err)
+{
+	return err == -EBUSY || err == -EAGAIN || err == -ENOMEM || err == -EINVAL ||
+	       err == -EHOSTUNREACH;
+}
+
+/* Counts one retransmitted skb of flow `key` on socket `skaddr`. */
+static __always_inline int count_retransmit(struct flow_key *key, __u64 skaddr, __u64 skbaddr)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct retrans_val *v = bpf_map_lookup_elem(&retrans, key);
+	if (!v) {
+		struct retrans_val init = {};
+		struct sock_info *si = bpf_map_lookup_elem(&socks, &skaddr);
+		if (si)
+			init.tgid = si->tgid;
+		bpf_map_update_elem(&retrans, key, &init, BPF_NOEXIST);
+		v = bpf_map_lookup_elem(&retrans, key);
+		if (!v) {
+			count(CTR_MAP_FULL);
+			return 0;
+		}
+	}
+	/* A retransmitted skb can carry several segments (GSO); RetransSegs counts segments. */
+	struct sk_buff *skb = (struct sk_buff *)skbaddr;
+	__u16 segs = 0;
+	if (have_btf)
+		bpf_probe_read_kernel(&segs, sizeof(segs), &skb->cb[TCP_SKB_CB_GSO_SEGS]);
+	__sync_fetch_and_add(&v->count, segs ? segs : 1);
+	v->last_ns = now;
+	return 0;
+}
+
+/* The classic tracepoint: the fallback without kernel BTF. Since 6.10 it also fires for
+ * attempts that gave up before sending; count what the kernel counts in RetransSegs: segments
+ * of attempts that reached the device path (a failed transmit still counts there, and in
+ * TCPRetransFail). */
 SEC("tracepoint/tcp/tcp_retransmit_skb")
 int tcp_retransmit_skb(struct tp_tcp_retransmit_skb *ctx)
 {
-	/* Since 6.10 the tracepoint also fires for attempts that gave up before sending; count
-	 * what the kernel counts in RetransSegs: segments of attempts that reached the device
-	 * path (a failed transmit still counts there, and in TCPRetransFail). */
-	if (retrans_has_err) {
-		int err = ctx->err;
-		if (err == -EBUSY || err == -EAGAIN || err == -ENOMEM || err == -EINVAL ||
-		    err == -EHOSTUNREACH)
-			return 0;
-	}
+	if (retrans_has_err && retransmit_gave_up(ctx->err))
+		return 0;
 	/* Work on a stack copy: the address arrays are copied byte by byte, and the verifier
 	 * rejects reads through a ctx pointer the compiler has advanced in a loop. */
 	struct tp_tcp_retransmit_skb c;
@@ -228,29 +309,28 @@ int tcp_retransmit_skb(struct tp_tcp_retransmit_skb *ctx)
 		copy4(key.saddr, c.saddr);
 		copy4(key.daddr, c.daddr);
 	}
-	__u64 now = bpf_ktime_get_ns();
-	struct retrans_val *v = bpf_map_lookup_elem(&retrans, &key);
-	if (!v) {
-		struct retrans_val init = {};
-		__u64 sk = c.skaddr;
-		struct sock_info *si = bpf_map_lookup_elem(&socks, &sk);
-		if (si)
-			init.tgid = si->tgid;
-		bpf_map_update_elem(&retrans, &key, &init, BPF_NOEXIST);
-		v = bpf_map_lookup_elem(&retrans, &key);
-		if (!v) {
-			count(CTR_MAP_FULL);
-			return 0;
-		}
-	}
-	/* A retransmitted skb can carry several segments (GSO); RetransSegs counts segments. */
-	struct sk_buff *skb = (struct sk_buff *)c.skbaddr;
-	__u16 segs = 0;
-	if (have_btf)
-		bpf_probe_read_kernel(&segs, sizeof(segs), &skb->cb[TCP_SKB_CB_GSO_SEGS]);
-	__sync_fetch_and_add(&v->count, segs ? segs : 1);
-	v->last_ns = now;
-	return 0;
+	return count_retransmit(&key, c.skaddr, c.skbaddr);
+}
+
+/* The same as a BTF raw tracepoint, attached instead when the kernel has BTF and the
+ * tracepoint passes `err` (TP_PROTO(const struct sock *sk, const struct sk_buff *skb, int err),
+ * as 6.18 has it; kernels without it reject the third argument and get the classic program).
+ * Why it matters: the kernel skips a classic tracepoint's programs whenever any other kprobe
+ * or classic tracepoint program is running on that CPU (one `bpf_prog_active` flag per CPU,
+ * also held by map syscalls), and a retransmit timer firing in that window is lost to us; a
+ * raw tracepoint is only skipped when this very program is already running there. */
+SEC("tp_btf/tcp_retransmit_skb")
+int tcp_retransmit_skb_btf(__u64 *ctx)
+{
+	struct sock *sk = (struct sock *)ctx[0];
+	__u64 skb = ctx[1];
+	int err = (int)ctx[2];
+	if (retransmit_gave_up(err))
+		return 0;
+	struct flow_key key = {};
+	flow_of_sock(&key, sk);
+	key.state = sk->__sk_common.skc_state;
+	return count_retransmit(&key, (__u64)sk, skb);
 }
 
 /* ---------------------------------------------------------------- tcp_lifecycle */
@@ -275,18 +355,18 @@ static __always_inline void from_sock_info(struct event *e, struct sock_info *si
 	__builtin_memcpy(e->comm, si->comm, sizeof(e->comm));
 }
 
-SEC("tracepoint/sock/inet_sock_set_state")
-int inet_sock_set_state(struct tp_inet_sock_set_state *tp)
+static __always_inline void fill_tuple(struct event *e, const struct flow_key *t)
 {
-	if (tp->protocol != IPPROTO_TCP)
-		return 0;
-	struct tp_inet_sock_set_state c;
-	if (bpf_probe_read_kernel(&c, sizeof(c), tp))
-		return 0;
-	struct tp_inet_sock_set_state *ctx = &c;
-	__u64 sk = ctx->skaddr;
-	int old = ctx->oldstate;
-	int new = ctx->newstate;
+	e->family = t->family;
+	copy16(e->saddr, t->saddr);
+	copy16(e->daddr, t->daddr);
+	e->sport = t->sport;
+	e->dport = t->dport;
+}
+
+/* A TCP socket `sk` (its addresses in `t`) moved from state `old` to `new`. */
+static __always_inline int on_set_state(__u64 sk, int old, int new, const struct flow_key *t)
+{
 	__u64 now = bpf_ktime_get_ns();
 	struct event *e;
 
@@ -347,9 +427,7 @@ int inet_sock_set_state(struct tp_inet_sock_set_state *tp)
 		} else {
 			goto forget;
 		}
-		fill_tuple_v(e, ctx->family, ctx->saddr, ctx->daddr, ctx->saddr_v6, ctx->daddr_v6);
-		e->sport = ctx->sport;
-		e->dport = ctx->dport;
+		fill_tuple(e, t);
 		e->oldstate = (__u8)old;
 		e->newstate = (__u8)new;
 		bpf_ringbuf_submit(e, 0);
@@ -359,13 +437,49 @@ int inet_sock_set_state(struct tp_inet_sock_set_state *tp)
 	} else {
 		return 0;
 	}
-	fill_tuple_v(e, ctx->family, ctx->saddr, ctx->daddr, ctx->saddr_v6, ctx->daddr_v6);
-	e->sport = ctx->sport;
-	e->dport = ctx->dport;
+	fill_tuple(e, t);
 	e->oldstate = (__u8)old;
 	e->newstate = (__u8)new;
 	bpf_ringbuf_submit(e, 0);
 	return 0;
+}
+
+/* The classic tracepoint: the fallback without kernel BTF. */
+SEC("tracepoint/sock/inet_sock_set_state")
+int inet_sock_set_state(struct tp_inet_sock_set_state *tp)
+{
+	if (tp->protocol != IPPROTO_TCP)
+		return 0;
+	struct tp_inet_sock_set_state c;
+	if (bpf_probe_read_kernel(&c, sizeof(c), tp))
+		return 0;
+	struct flow_key t = {};
+	t.family = c.family;
+	t.sport = c.sport;
+	t.dport = c.dport;
+	if (c.family == AF_INET6) {
+		copy16(t.saddr, c.saddr_v6);
+		copy16(t.daddr, c.daddr_v6);
+	} else {
+		copy4(t.saddr, c.saddr);
+		copy4(t.daddr, c.daddr);
+	}
+	return on_set_state(c.skaddr, c.oldstate, c.newstate, &t);
+}
+
+/* The same as a BTF raw tracepoint (TP_PROTO(const struct sock *sk, const int oldstate,
+ * const int newstate)), attached instead when the kernel has BTF: a connect failing in a
+ * timer while another classic tracepoint program runs on that CPU would be lost to the
+ * classic one (see tcp_retransmit_skb_btf). */
+SEC("tp_btf/inet_sock_set_state")
+int inet_sock_set_state_btf(__u64 *ctx)
+{
+	struct sock *sk = (struct sock *)ctx[0];
+	if (sk->sk_protocol != IPPROTO_TCP)
+		return 0;
+	struct flow_key t = {};
+	flow_of_sock(&t, sk);
+	return on_set_state((__u64)sk, (int)ctx[1], (int)ctx[2], &t);
 }
 
 SEC("tracepoint/tcp/tcp_receive_reset")

@@ -328,7 +328,7 @@ impl Agent {
     /// Reads the aggregating maps (and drains the ring buffer first).
     pub fn poll(&self) {
         self.drain_events();
-        let (flows, runq, blk, ringbuf_full, map_full, stats) = {
+        let (flows, runq, blk, ringbuf_full, map_full, stats, misses) = {
             let kernel = lock(&self.kernel);
             let comps: Vec<u32> = if kernel.attached("runqueue") {
                 lock(&self.inner).registry.all().map(|(i, _)| i).collect()
@@ -351,6 +351,7 @@ impl Agent {
                 kernel.counter(wire::CTR_RINGBUF_FULL),
                 kernel.counter(wire::CTR_MAP_FULL),
                 stats,
+                kernel.program_misses(),
             )
         };
         let mut inner = lock(&self.inner);
@@ -389,6 +390,7 @@ impl Agent {
             .into_iter()
             .map(|(n, t, r)| (n, t.as_nanos() as u64, r))
             .collect();
+        a.program_misses = misses;
         inner.aggregates.undecodable_events = inner.undecodable;
         inner.aggregates.events_dropped = inner.events.dropped;
     }

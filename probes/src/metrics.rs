@@ -95,6 +95,8 @@ pub struct Aggregates {
     pub oom_kills: CounterVec<String>,
     /// (program, run time ns, runs), when BPF statistics are on.
     pub program_stats: Vec<(String, u64, u64)>,
+    /// (program, runs the kernel skipped), for every loaded program.
+    pub program_misses: Vec<(String, u64)>,
     pub probes: Vec<ProbeStatus>,
     pub ringbuf_full: u64,
     pub map_full: u64,
@@ -387,6 +389,19 @@ impl Aggregates {
             );
             for (p, _, runs) in &self.program_stats {
                 sample(&mut out, name, &[("program", p)], runs);
+            }
+        }
+
+        if !self.program_misses.is_empty() {
+            let name = "probes_program_misses_total";
+            header(
+                &mut out,
+                name,
+                "counter",
+                "Runs of each eBPF program the kernel skipped because another eBPF program held the CPU (events the probe did not see).",
+            );
+            for (p, misses) in &self.program_misses {
+                sample(&mut out, name, &[("program", p)], misses);
             }
         }
 
