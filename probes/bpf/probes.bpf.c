@@ -213,6 +213,22 @@ static __always_inline void copy4(__u8 *dst, const __u8 *src)
 		dst[i] = src[i];
 }
 
+/* A flow from a classic TCP tracepoint's record (a stack copy): they all carry family, ports
+ * in host order, and IPv4 and IPv6 addresses. A macro, as the record types differ. */
+#define flow_of_record(key, rec)                                                                   \
+	do {                                                                                       \
+		(key)->family = (rec)->family;                                                     \
+		(key)->sport = (rec)->sport;                                                       \
+		(key)->dport = (rec)->dport;                                                       \
+		if ((rec)->family == AF_INET6) {                                                   \
+			copy16((key)->saddr, (rec)->saddr_v6);                                     \
+			copy16((key)->daddr, (rec)->daddr_v6);                                     \
+		} else {                                                                           \
+			copy4((key)->saddr, (rec)->saddr);                                         \
+			copy4((key)->daddr, (rec)->daddr);                                         \
+		}                                                                                  \
+	} while (0)
+
 /* A socket's addresses and ports as the TCP tracepoints report them (ports in host order). For
  * a connected socket the bound address and port (skc_rcv_saddr, skc_num) are the ones the
  * tracepoints read from inet_sock. */
@@ -298,17 +314,8 @@ int tcp_retransmit_skb(struct tp_tcp_retransmit_skb *ctx)
 	if (bpf_probe_read_kernel(&c, sizeof(c), ctx))
 		return 0;
 	struct flow_key key = {};
-	key.family = c.family;
-	key.sport = c.sport;
-	key.dport = c.dport;
+	flow_of_record(&key, &c);
 	key.state = (__u8)c.state;
-	if (c.family == AF_INET6) {
-		copy16(key.saddr, c.saddr_v6);
-		copy16(key.daddr, c.daddr_v6);
-	} else {
-		copy4(key.saddr, c.saddr);
-		copy4(key.daddr, c.daddr);
-	}
 	return count_retransmit(&key, c.skaddr, c.skbaddr);
 }
 
@@ -454,16 +461,7 @@ int inet_sock_set_state(struct tp_inet_sock_set_state *tp)
 	if (bpf_probe_read_kernel(&c, sizeof(c), tp))
 		return 0;
 	struct flow_key t = {};
-	t.family = c.family;
-	t.sport = c.sport;
-	t.dport = c.dport;
-	if (c.family == AF_INET6) {
-		copy16(t.saddr, c.saddr_v6);
-		copy16(t.daddr, c.daddr_v6);
-	} else {
-		copy4(t.saddr, c.saddr);
-		copy4(t.daddr, c.daddr);
-	}
+	flow_of_record(&t, &c);
 	return on_set_state(c.skaddr, c.oldstate, c.newstate, &t);
 }
 

@@ -511,6 +511,44 @@ fn fdinfo_value(text: &str, key: &str) -> Option<u64> {
     })
 }
 
+/// Loads every program of the object into this kernel without attaching any, the fallbacks
+/// it would never attach included (the classic tracepoints, on a kernel with BTF): (program,
+/// `Ok`, or why it did not load). A test runs it so that no variant rots unnoticed.
+pub fn load_every_program() -> anyhow::Result<Vec<(String, Result<(), String>)>> {
+    let have_btf = u32::from(std::path::Path::new(BTF_PATH).is_file());
+    let mut ebpf = EbpfLoader::new()
+        .allow_unsupported_maps()
+        .override_global("have_btf", &have_btf, true)
+        .load(OBJECT)
+        .context("loading the eBPF object")?;
+    let btf = aya::Btf::from_sys_fs().ok();
+    let mut results = Vec::new();
+    for (name, program) in ebpf.programs_mut() {
+        let outcome = match program {
+            aya::programs::Program::TracePoint(p) => p.load().map_err(|e| format!("{e:#}")),
+            aya::programs::Program::BtfTracePoint(p) => {
+                let tp = PROBES
+                    .iter()
+                    .flat_map(|probe| probe.btf_programs)
+                    .find(|(symbol, _)| *symbol == name)
+                    .map(|(_, tp)| *tp);
+                match (tp, &btf) {
+                    (Some(tp), Some(btf)) => p.load(tp, btf).map_err(|e| format!("{e:#}")),
+                    (None, _) => Err(format!("`{name}` is in no probe's btf_programs")),
+                    (_, None) => Err("the kernel has no BTF".to_string()),
+                }
+            }
+            other => Err(format!("unexpected program type {:?}", other.prog_type())),
+        };
+        results.push((
+            name.to_string(),
+            outcome.map_err(|e| shorten_verifier_log(&e)),
+        ));
+    }
+    results.sort();
+    Ok(results)
+}
+
 /// A verifier rejection carries the whole verifier log; keep its verdict (the last lines
 /// before the statistics) so the reason fits on a line.
 pub fn shorten_verifier_log(message: &str) -> String {

@@ -532,6 +532,48 @@ impl Drop for BusyTracer {
     }
 }
 
+/// 8 paced streams from `net.a` to the sink for 4 s, a DROP rule on the sink's port from
+/// 300 ms on, then a reset; `after_traffic` runs once the streams are gone. Returns the
+/// retransmitted segments counted by the kernel (`RetransSegs` in `net.a`), by the probe for
+/// these flows, and by bpftrace on the same tracepoint (`None` without bpftrace).
+fn drop_fault(
+    test: &str,
+    agent: &Agent,
+    net: &NetPair,
+    sink: &Sink,
+    after_traffic: impl FnOnce(),
+) -> (u64, u64, Option<u64>) {
+    let to = SocketAddr::from((net.addr_b, sink.port));
+    let witness = Bpftrace::start(
+        test,
+        &format!(
+            "tracepoint:tcp:tcp_retransmit_skb /args->err == 0 && args->dport == {}/ {{ @n = count(); }}",
+            sink.port
+        ),
+    );
+    agent.poll();
+    let probe_before = probe_retransmits(&agent.aggregates(), net.addr_a, to);
+    let kernel_before = retrans_segs(&net.a);
+    let mut streams = connect_from(&net.a, to, 8);
+    let port = sink.port.to_string();
+    let mut rules = Cleanup::default();
+    paced_traffic(&mut streams, Duration::from_secs(4), || {
+        add_rule(
+            &mut rules,
+            &net.b,
+            &["INPUT", "-p", "tcp", "--dport", &port, "-j", "DROP"],
+        );
+    });
+    abort(streams);
+    after_traffic();
+    agent.poll();
+    let kernel = retrans_segs(&net.a) - kernel_before;
+    let probe = probe_retransmits(&agent.aggregates(), net.addr_a, to) - probe_before;
+    let witnessed = witness.map(|w| w.finish("n"));
+    drop(rules);
+    (kernel, probe, witnessed)
+}
+
 fn within_5_percent(probe: u64, kernel: u64) -> bool {
     let tolerance = (kernel as f64 * 0.05).ceil() as u64;
     probe.abs_diff(kernel) <= tolerance
@@ -598,32 +640,7 @@ fn retransmits_match_the_kernels_own_counter() {
     assert_eq!(probe, 0, "the probe counted retransmits without a fault");
 
     // Fault: a DROP rule on the receiving side swallows everything after 300 ms.
-    let witness = Bpftrace::start(
-        test,
-        &format!(
-            "tracepoint:tcp:tcp_retransmit_skb /args->err == 0 && args->dport == {}/ {{ @n = count(); }}",
-            sink.port
-        ),
-    );
-    let probe_before = probe_retransmits(&agent.aggregates(), net.addr_a, to);
-    let kernel_before = retrans_segs(&net.a);
-    let mut streams = connect_from(&net.a, to, 8);
-    let port = sink.port.to_string();
-    let ns_b = net.b.clone();
-    let mut rules = Cleanup::default();
-    paced_traffic(&mut streams, Duration::from_secs(4), || {
-        add_rule(
-            &mut rules,
-            &ns_b,
-            &["INPUT", "-p", "tcp", "--dport", &port, "-j", "DROP"],
-        );
-    });
-    abort(streams);
-    agent.poll();
-    let kernel = retrans_segs(&net.a) - kernel_before;
-    let probe = probe_retransmits(&agent.aggregates(), net.addr_a, to) - probe_before;
-    let witnessed = witness.map(|w| w.finish("n"));
-    drop(rules);
+    let (kernel, probe, witnessed) = drop_fault(test, &agent, &net, &sink, || {});
     println!("DROP rule: kernel RetransSegs delta {kernel}, probe {probe}, bpftrace {witnessed:?}");
     assert!(
         kernel >= 20,
@@ -674,32 +691,7 @@ fn retransmits_match_the_kernels_own_counter() {
     let Some(busy) = BusyTracer::start(test) else {
         return;
     };
-    let witness = Bpftrace::start(
-        test,
-        &format!(
-            "tracepoint:tcp:tcp_retransmit_skb /args->err == 0 && args->dport == {}/ {{ @n = count(); }}",
-            sink.port
-        ),
-    );
-    agent.poll();
-    let probe_before = probe_retransmits(&agent.aggregates(), net.addr_a, to);
-    let kernel_before = retrans_segs(&net.a);
-    let mut streams = connect_from(&net.a, to, 8);
-    let mut rules = Cleanup::default();
-    paced_traffic(&mut streams, Duration::from_secs(4), || {
-        add_rule(
-            &mut rules,
-            &ns_b,
-            &["INPUT", "-p", "tcp", "--dport", &port, "-j", "DROP"],
-        );
-    });
-    abort(streams);
-    drop(busy);
-    agent.poll();
-    let kernel = retrans_segs(&net.a) - kernel_before;
-    let probe = probe_retransmits(&agent.aggregates(), net.addr_a, to) - probe_before;
-    let witnessed = witness.map(|w| w.finish("n"));
-    drop(rules);
+    let (kernel, probe, witnessed) = drop_fault(test, &agent, &net, &sink, || drop(busy));
     let misses = agent.aggregates().program_misses;
     println!(
         "DROP rule, another tracer busy on every CPU: kernel RetransSegs delta {kernel}, probe {probe}, bpftrace (classic tracepoint) {witnessed:?}; the agent's programs' misses {misses:?}"
@@ -1459,6 +1451,30 @@ fn the_agent_serves_metrics_events_and_health() {
         .block_on(server)
         .expect("server task")
         .expect("the agent stops cleanly");
+}
+
+#[test]
+fn every_program_passes_this_kernels_verifier_fallbacks_included() {
+    let test = "every_program_passes_this_kernels_verifier_fallbacks_included";
+    if !root_or_skip(test) {
+        return;
+    }
+    let _serial = serial();
+    let results = probes::kernel::load_every_program().expect("loading the object");
+    for (program, outcome) in &results {
+        println!("{program}: {outcome:?}");
+    }
+    // Every attach point of every probe, BTF and classic variants alike.
+    let expected: usize = probes::kernel::PROBES
+        .iter()
+        .map(|p| p.programs.len() + p.btf_programs.len())
+        .sum();
+    assert_eq!(results.len(), expected, "{results:?}");
+    let failed: Vec<_> = results.iter().filter(|(_, o)| o.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "programs this kernel rejects: {failed:?}"
+    );
 }
 
 #[test]
