@@ -93,7 +93,13 @@ struct Inner {
     block_names: HashMap<u32, String>,
     last_lab_problem: Option<String>,
     undecodable: u64,
+    /// When the programs' miss counts were last read (every [`MISSES_EVERY`]).
+    misses_read_at: Option<std::time::Instant>,
 }
+
+/// How often [`Agent::poll`] reads the programs' miss counts: a file per program, for a
+/// counter that should stay 0 and is judged over minutes.
+const MISSES_EVERY: Duration = Duration::from_secs(10);
 
 /// A running set of probes.
 pub struct Agent {
@@ -169,6 +175,7 @@ impl Agent {
                 block_names: HashMap::new(),
                 last_lab_problem: None,
                 undecodable: 0,
+                misses_read_at: None,
             }),
             refresh_lock: Mutex::new(None),
             last_refresh: Mutex::new(None),
@@ -184,6 +191,12 @@ impl Agent {
     }
 
     /// Which probes are attached, and why not.
+    /// Each loaded program's miss count, read now (the metrics refresh it every
+    /// [`MISSES_EVERY`]).
+    pub fn program_misses(&self) -> Vec<(String, u64)> {
+        lock(&self.kernel).program_misses()
+    }
+
     pub fn probe_status(&self) -> Vec<ProbeStatus> {
         lock(&self.kernel).status().to_vec()
     }
@@ -328,6 +341,9 @@ impl Agent {
     /// Reads the aggregating maps (and drains the ring buffer first).
     pub fn poll(&self) {
         self.drain_events();
+        let misses_due = lock(&self.inner)
+            .misses_read_at
+            .is_none_or(|t| t.elapsed() >= MISSES_EVERY);
         let (flows, runq, blk, ringbuf_full, map_full, stats, misses) = {
             let kernel = lock(&self.kernel);
             let comps: Vec<u32> = if kernel.attached("runqueue") {
@@ -351,7 +367,7 @@ impl Agent {
                 kernel.counter(wire::CTR_RINGBUF_FULL),
                 kernel.counter(wire::CTR_MAP_FULL),
                 stats,
-                kernel.program_misses(),
+                misses_due.then(|| kernel.program_misses()),
             )
         };
         let mut inner = lock(&self.inner);
@@ -390,7 +406,10 @@ impl Agent {
             .into_iter()
             .map(|(n, t, r)| (n, t.as_nanos() as u64, r))
             .collect();
-        a.program_misses = misses;
+        if let Some(misses) = misses {
+            a.program_misses = misses;
+            inner.misses_read_at = Some(std::time::Instant::now());
+        }
         inner.aggregates.undecodable_events = inner.undecodable;
         inner.aggregates.events_dropped = inner.events.dropped;
     }

@@ -692,7 +692,7 @@ fn retransmits_match_the_kernels_own_counter() {
         return;
     };
     let (kernel, probe, witnessed) = drop_fault(test, &agent, &net, &sink, || drop(busy));
-    let misses = agent.aggregates().program_misses;
+    let misses = agent.program_misses();
     println!(
         "DROP rule, another tracer busy on every CPU: kernel RetransSegs delta {kernel}, probe {probe}, bpftrace (classic tracepoint) {witnessed:?}; the agent's programs' misses {misses:?}"
     );
