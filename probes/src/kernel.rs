@@ -562,7 +562,7 @@ pub fn shorten_verifier_log(message: &str) -> String {
         .take_while(|l| !l.starts_with("verification time"))
         .collect();
     let tail = lines[lines.len().saturating_sub(2)..].join(" / ");
-    format!("{}verifier: {tail}", head.trim_end())
+    format!("{} verifier: {tail}", head.trim_end())
 }
 
 /// The program `symbol` of the object as a `kind` program.
@@ -664,7 +664,17 @@ fn attach_btf(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::fdinfo_value;
+    use super::{fdinfo_value, shorten_verifier_log};
+
+    #[test]
+    fn a_verifier_rejection_keeps_its_verdict_on_one_line() {
+        let message = "loading program `x`: the BPF_PROG_LOAD syscall returned Permission denied (os error 13). Verifier output: 0: (bf) r6 = r1\n23: (79) r1 = *(u64 *)(r3 +9000)\ninvalid bpf_context access off=9000 size=8\nverification time 41 usec\nstack depth 0\n";
+        assert_eq!(
+            shorten_verifier_log(message),
+            "loading program `x`: the BPF_PROG_LOAD syscall returned Permission denied (os error 13). verifier: 23: (79) r1 = *(u64 *)(r3 +9000) / invalid bpf_context access off=9000 size=8"
+        );
+        assert_eq!(shorten_verifier_log("no log here"), "no log here");
+    }
 
     #[test]
     fn fdinfo_values_are_read_by_key() {
