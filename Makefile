@@ -76,7 +76,7 @@ PROFILE_FLAGS ?=
 profile-cpu: ## 30 s CPU profile of every service under the demo load -> profiles/<time>/<service>.svg, .pb.gz
 	$(PROFILER) cpu $(PROFILE_FLAGS)
 
-profile-all: ## CPU and heap profiles of every service, plus a metrics snapshot -> profiles/<time>/
+profile-all: ## CPU, heap and (with the eBPF agent) off-CPU profiles of every service, plus a metrics snapshot -> profiles/<time>/
 	$(PROFILER) all $(PROFILE_FLAGS)
 
 profile-view: ## index.html of the newest profiles; opened in a browser, or served on 127.0.0.1:8099

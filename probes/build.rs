@@ -1,13 +1,23 @@
-//! Compiles the eBPF C sources under `bpf/` with clang-14 into `OUT_DIR/probes.bpf.o`, which
-//! the loader embeds. Building needs no privileges; a missing compiler or header is reported in
-//! one line that names the Debian packages to install.
+//! Compiles the eBPF C sources under `bpf/` with clang-14 into `OUT_DIR/probes.bpf.o` and
+//! `OUT_DIR/offcpu.bpf.o`, which the loader embeds. Building needs no privileges; a missing
+//! compiler or header is reported in one line that names the Debian packages to install.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, exit};
 
 const CLANG: &str = "clang-14";
 const INSTALL_HINT: &str = "apt-get install clang-14 libbpf-dev";
-const SOURCES: &[&str] = &["bpf/probes.bpf.c", "bpf/tracepoints.h", "bpf/shared.h"];
+const SOURCES: &[&str] = &[
+    "bpf/probes.bpf.c",
+    "bpf/offcpu.bpf.c",
+    "bpf/tracepoints.h",
+    "bpf/shared.h",
+];
+/// (source, object in OUT_DIR)
+const OBJECTS: &[(&str, &str)] = &[
+    ("bpf/probes.bpf.c", "probes.bpf.o"),
+    ("bpf/offcpu.bpf.c", "offcpu.bpf.o"),
+];
 
 fn fail(message: &str) -> ! {
     eprintln!("probes build: {message} (install with `{INSTALL_HINT}`)");
@@ -33,8 +43,18 @@ fn main() {
         }
     }
 
-    let object = out_dir.join("probes.bpf.o");
-    let output = Command::new(&clang)
+    for (source, object) in OBJECTS {
+        compile(
+            &clang,
+            &manifest.join(source),
+            &out_dir.join(object),
+            source,
+        );
+    }
+}
+
+fn compile(clang: &str, source: &Path, object: &Path, name: &str) {
+    let output = Command::new(clang)
         .args([
             "-O2",
             "-g",
@@ -46,9 +66,9 @@ fn main() {
             "-Werror",
             "-c",
         ])
-        .arg(manifest.join("bpf/probes.bpf.c"))
+        .arg(source)
         .arg("-o")
-        .arg(&object)
+        .arg(object)
         .output();
     match output {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => fail(&format!(
@@ -58,7 +78,7 @@ fn main() {
         Ok(out) if !out.status.success() => {
             // Compiler diagnostics are the useful part here; show them, then the one-line cause.
             eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-            eprintln!("probes build: {clang} failed to compile bpf/probes.bpf.c");
+            eprintln!("probes build: {clang} failed to compile {name}");
             exit(1);
         }
         Ok(_) => {}

@@ -812,6 +812,7 @@ async fn every_dashboard_query_returns_data_under_load() {
     let bins = bin_dir().expect("service binaries are built");
     let root = is_root();
     let with_probes = root && bins.join("probes").is_file();
+    let profiler = bins.join("profiler");
     let mut components = vec![Component::OrderGateway, Component::Prometheus];
     if with_probes {
         components.push(Component::Probes);
@@ -1059,6 +1060,13 @@ async fn every_dashboard_query_returns_data_under_load() {
         .collect();
     eprintln!("alerts pending or firing during the run: {firing:?}");
 
+    // `make profile-all` against this lab while the load runs: CPU, heap and, from the eBPF
+    // agent, off-CPU stacks of every service.
+    let state = lab.root().join("state.json");
+    tokio::task::spawn_blocking(move || profile_all(&profiler, &state, with_probes))
+        .await
+        .expect("profile-all check");
+
     // A broker outage under load, seen through the metrics: the outbox lag grows while the
     // publisher is disconnected (the publish loop is not running then), the engine reports
     // RabbitMQ down and DependencyDown goes pending, and the return is counted as a reconnect.
@@ -1170,6 +1178,74 @@ const REQUIRED_FAMILIES: &[&str] = &[
 ];
 
 /// Expands every panel query over the values of the variables it uses.
+/// Runs `profiler all` for 2 s on the lab of `state` and checks what it wrote: with the agent,
+/// every service's off-CPU flamegraph and folded stacks (their runtime workers park in
+/// `epoll_wait`); without, a manifest that says why there are none.
+fn profile_all(profiler: &Path, state: &Path, with_probes: bool) {
+    if !profiler.is_file() {
+        println!(
+            "profile-all check SKIPPED: {} is missing (cargo build --workspace --bins)",
+            profiler.display()
+        );
+        return;
+    }
+    let out_dir = state.with_file_name("profiles");
+    let out = std::process::Command::new(profiler)
+        .args(["all", "--seconds", "2", "--rate", "0", "--warmup", "0s"])
+        .arg("--state")
+        .arg(state)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .expect("running profiler all");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "profiler all failed:\n{stderr}");
+    let dir = PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or_default(),
+    );
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest.json"))
+            .expect("manifest JSON");
+    if !with_probes {
+        let why = manifest["off_cpu"].as_str().unwrap_or_default();
+        assert!(
+            why.contains("no eBPF agent"),
+            "manifest off_cpu: {why:?}\n{stderr}"
+        );
+        return;
+    }
+    for s in manifest["services"].as_array().expect("services") {
+        let name = s["name"].as_str().unwrap_or("?");
+        let o = &s["off_cpu"];
+        assert!(
+            o["error"].is_null() && !o.is_null(),
+            "{name} off-CPU: {o}\n{stderr}"
+        );
+        let folded = std::fs::read_to_string(dir.join(o["collapsed"].as_str().unwrap_or_default()))
+            .expect("off-CPU folded stacks");
+        assert!(
+            folded.lines().any(|l| l.contains("epoll_wait")),
+            "{name}: no runtime worker parked in epoll_wait among {} off-CPU stacks",
+            folded.lines().count()
+        );
+        let svg = std::fs::read_to_string(dir.join(o["svg"].as_str().unwrap_or_default()))
+            .expect("off-CPU flamegraph");
+        assert!(
+            svg.starts_with("<?xml") && svg.contains("off-CPU"),
+            "{name}: not an SVG flamegraph"
+        );
+        eprintln!(
+            "profile-all: {name} {:.1} thread-seconds off-CPU in {} stacks",
+            o["off_cpu_seconds"].as_f64().unwrap_or(0.0),
+            o["stacks"]
+        );
+    }
+}
+
 async fn resolve_checks(
     prom: &Prom,
     queries: &[PanelQuery],

@@ -165,4 +165,40 @@ LAYOUT(event, uid, 128, 4)
 LAYOUT(event, oom_score_adj, 132, 4)
 LAYOUT(event, reason, 136, 4)
 
+/* Off-CPU stacks (bpf/offcpu.bpf.c). */
+#define OFFCPU_MAX_STACKS 16384
+#define OFFCPU_STACK_DEPTH 127 /* PERF_MAX_STACK_DEPTH */
+#define OFFCPU_NO_STACK -1
+
+/* `offcpu_ns` key: a process, a thread name and where that thread waited. */
+struct offcpu_key {
+	__u32 tgid;
+	__s32 user_stack;
+	__s32 kernel_stack;
+	__u32 pad;
+	char comm[16];
+};
+SIZE(offcpu_key, 32)
+LAYOUT(offcpu_key, tgid, 0, 4)
+LAYOUT(offcpu_key, user_stack, 4, 4)
+LAYOUT(offcpu_key, kernel_stack, 8, 4)
+LAYOUT(offcpu_key, comm, 16, 16)
+
+/* `offcpu_start` value: a thread that went off the CPU, since when and where. */
+struct offcpu_start {
+	__u64 ts; /* CLOCK_MONOTONIC */
+	struct offcpu_key key;
+};
+SIZE(offcpu_start, 40)
+LAYOUT(offcpu_start, ts, 0, 8)
+LAYOUT(offcpu_start, key, 8, 32)
+
+struct offcpu_val {
+	__u64 ns;
+	__u64 count;
+};
+SIZE(offcpu_val, 16)
+LAYOUT(offcpu_val, ns, 0, 8)
+LAYOUT(offcpu_val, count, 8, 8)
+
 #endif

@@ -438,6 +438,36 @@ impl Agent {
             .map(|i| inner.registry.name(i).to_string())
     }
 
+    /// The processes the current view attributes to component `name`, lowest pid first;
+    /// `Err` lists the components the view knows when `name` is none of them.
+    pub fn tgids_of_component(&self, name: &str) -> Result<Vec<u32>, Vec<String>> {
+        let inner = lock(&self.inner);
+        let index = inner
+            .registry
+            .all()
+            .find(|(i, n)| *n == name && *i != 0)
+            .map(|(i, _)| i);
+        let Some(index) = index else {
+            let mut known: Vec<String> = inner
+                .registry
+                .all()
+                .filter(|(i, _)| *i != 0)
+                .map(|(_, n)| n.to_string())
+                .collect();
+            known.sort();
+            return Err(known);
+        };
+        let mut pids: Vec<u32> = inner
+            .view
+            .by_tgid
+            .iter()
+            .filter(|(_, c)| **c == index)
+            .map(|(t, _)| *t)
+            .collect();
+        pids.sort_unstable();
+        Ok(pids)
+    }
+
     /// Waits on the ring buffer and runs the poll and refresh timers until `shutdown`.
     pub async fn run_background(
         self: Arc<Self>,

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kit::config::{ConfigError, DataConfig, HttpConfig, LogConfig, Validate};
+use kit::config::{ConfigError, DataConfig, DebugConfig, HttpConfig, LogConfig, Validate};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::AgentOptions;
@@ -29,6 +29,9 @@ pub struct ProbesConfig {
     pub data: DataConfig,
     #[serde(default)]
     pub agent: AgentConfig,
+    /// `[debug] token`: opens `/debug/offcpu` to non-loopback clients (default: loopback only).
+    #[serde(default)]
+    pub debug: DebugConfig,
 }
 
 impl Default for ProbesConfig {
@@ -41,6 +44,7 @@ impl Default for ProbesConfig {
             log: LogConfig::default(),
             data: DataConfig::default(),
             agent: AgentConfig::default(),
+            debug: DebugConfig::default(),
         }
     }
 }

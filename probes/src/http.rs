@@ -1,8 +1,10 @@
 //! The agent's HTTP side: `/metrics` (probe metrics, then kit's process and HTTP metrics),
-//! `GET /events?since=<unix ms>`, `/healthz`, `/readyz`. Built as a plain `Router` so tests
-//! call it without a socket.
+//! `GET /events?since=<unix ms>`, `/healthz`, `/readyz`, and (loopback or bearer token only)
+//! `GET /debug/offcpu`. Built as plain `Router`s so tests call them without a socket.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
@@ -12,6 +14,7 @@ use axum::routing::get;
 use serde::Deserialize;
 
 use crate::agent::Agent;
+use crate::offcpu::{self, OffCpuError, OffCpuOptions};
 
 /// Renders the process-wide metrics kit keeps (`process_*`, `http_server_*`).
 pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
@@ -76,4 +79,223 @@ async fn events(State(s): State<AppState>, Query(q): Query<EventsQuery>) -> Resp
     // Events may sit in the ring buffer until the next wakeup; take them first.
     s.agent.drain_events();
     axum::Json(serde_json::json!({ "events": s.agent.events_since(since) })).into_response()
+}
+
+/// `GET /debug/offcpu`, behind kit's debug access rule (loopback, or the `[debug]` bearer
+/// token). Merge it after the standard layers: their request timeout would cut a capture short.
+pub fn debug_routes(agent: Arc<Agent>, debug: &kit::config::DebugConfig) -> Router {
+    let router = Router::new()
+        .route("/debug/offcpu", get(offcpu_handler))
+        .with_state(OffCpuState {
+            agent,
+            busy: Arc::new(AtomicBool::new(false)),
+        });
+    kit::debug::guard_routes(router, debug)
+}
+
+#[derive(Clone)]
+struct OffCpuState {
+    agent: Arc<Agent>,
+    /// One capture at a time: each attaches a program to every context switch of the host.
+    busy: Arc<AtomicBool>,
+}
+
+#[derive(Deserialize)]
+struct OffCpuQuery {
+    component: Option<String>,
+    /// Comma-separated pids.
+    pid: Option<String>,
+    seconds: Option<String>,
+    min_us: Option<String>,
+    format: Option<String>,
+}
+
+/// Clears the busy flag when the request ends, however it ends.
+struct Busy(Arc<AtomicBool>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+fn bad_request(field: &str, error: String) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(serde_json::json!({ "error": error, "field": field })),
+    )
+        .into_response()
+}
+
+/// `value` as an unsigned integer (`default` when absent); the error names `field`.
+fn parse_number(field: &str, value: Option<&str>, default: u64) -> Result<u64, String> {
+    match value {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| format!("{field} must be an unsigned integer, got {v:?}")),
+    }
+}
+
+async fn offcpu_handler(State(s): State<OffCpuState>, Query(q): Query<OffCpuQuery>) -> Response {
+    let seconds = match parse_number("seconds", q.seconds.as_deref(), 10) {
+        Ok(v) if (1..=offcpu::MAX_SECONDS).contains(&v) => v,
+        Ok(v) => {
+            return bad_request(
+                "seconds",
+                format!(
+                    "seconds must be between 1 and {}, got {v}",
+                    offcpu::MAX_SECONDS
+                ),
+            );
+        }
+        Err(e) => return bad_request("seconds", e),
+    };
+    let min_us = match parse_number("min_us", q.min_us.as_deref(), 1) {
+        Ok(v) => v,
+        Err(e) => return bad_request("min_us", e),
+    };
+    let format = q.format.as_deref().unwrap_or("svg");
+    if !matches!(format, "svg" | "collapsed" | "json") {
+        return bad_request(
+            "format",
+            format!("format must be svg, collapsed or json, got {format:?}"),
+        );
+    }
+    let (pids, what) = match (&q.component, &q.pid) {
+        (Some(_), Some(_)) | (None, None) => {
+            return bad_request(
+                "component",
+                "give either component=NAME (a lab component) or pid=PID[,PID...]".into(),
+            );
+        }
+        (None, Some(list)) => {
+            let parsed: Result<Vec<u32>, _> =
+                list.split(',').map(|p| p.trim().parse::<u32>()).collect();
+            match parsed {
+                Ok(p) if !p.is_empty() => (p, format!("pid {list}")),
+                _ => {
+                    return bad_request(
+                        "pid",
+                        format!("pid must be a comma-separated list of process ids, got {list:?}"),
+                    );
+                }
+            }
+        }
+        (Some(names), None) => {
+            let mut pids = Vec::new();
+            for name in names.split(',').map(str::trim) {
+                match s.agent.tgids_of_component(name) {
+                    Ok(p) if !p.is_empty() => pids.extend(p),
+                    Ok(_) => {
+                        return (
+                            StatusCode::NOT_FOUND,
+                            axum::Json(serde_json::json!({
+                                "error": format!("component {name} has no running process in the agent's view of the lab"),
+                                "field": "component",
+                            })),
+                        )
+                            .into_response();
+                    }
+                    Err(known) => {
+                        return (
+                            StatusCode::NOT_FOUND,
+                            axum::Json(serde_json::json!({
+                                "error": format!("no component named {name:?}; known: {}", known.join(", ")),
+                                "field": "component",
+                            })),
+                        )
+                            .into_response();
+                    }
+                }
+            }
+            (pids, names.clone())
+        }
+    };
+    if s.busy.swap(true, Ordering::AcqRel) {
+        return (
+            StatusCode::CONFLICT,
+            "an off-CPU capture is already running; retry when it is done\n",
+        )
+            .into_response();
+    }
+    let busy = Busy(Arc::clone(&s.busy));
+    let opts = OffCpuOptions {
+        pids,
+        duration: Duration::from_secs(seconds),
+        min: Duration::from_micros(min_us),
+    };
+    let result = tokio::task::spawn_blocking(move || offcpu::capture(&opts)).await;
+    drop(busy);
+    let profile = match result {
+        Ok(Ok(p)) => p,
+        Ok(Err(OffCpuError::Invalid(why))) => return bad_request("pid", why),
+        Ok(Err(OffCpuError::Unavailable(why))) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
+        }
+        Ok(Err(OffCpuError::Failed(e))) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response();
+        }
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the capture task failed: {e}\n"),
+            )
+                .into_response();
+        }
+    };
+    let summary = format!(
+        "waits={} off_cpu_s={:.3} stacks={} still_waiting={} lost={} unwalkable={}",
+        profile.waits,
+        profile.total_ns as f64 / 1e9,
+        profile.stacks.len(),
+        profile.still_waiting,
+        profile.lost,
+        profile.unwalkable
+    );
+    let header = ("x-offcpu-summary", summary);
+    match format {
+        "json" => {
+            // Which component each process belongs to, for clients that split the profile.
+            let components: serde_json::Map<String, serde_json::Value> = profile
+                .pids
+                .iter()
+                .filter_map(|p| Some((p.to_string(), s.agent.component_of_pid(*p)?.into())))
+                .collect();
+            let mut body = match serde_json::to_value(&profile) {
+                Ok(v) => v,
+                Err(e) => {
+                    return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response();
+                }
+            };
+            body["components"] = components.into();
+            ([header], axum::Json(body)).into_response()
+        }
+        "collapsed" => (
+            [
+                (
+                    header::CONTENT_TYPE.as_str().to_string(),
+                    "text/plain; charset=utf-8".to_string(),
+                ),
+                (header.0.to_string(), header.1),
+            ],
+            profile.collapsed(),
+        )
+            .into_response(),
+        _ => match profile.svg(&format!("Off-CPU time: {what} ({seconds} s)")) {
+            Ok(svg) => (
+                [
+                    (
+                        header::CONTENT_TYPE.as_str().to_string(),
+                        "image/svg+xml".to_string(),
+                    ),
+                    (header.0.to_string(), header.1),
+                ],
+                svg,
+            )
+                .into_response(),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
+        },
+    }
 }

@@ -14,6 +14,8 @@
 //! * [`agent`]: ties it together (ring buffer, poll and refresh loops).
 //! * [`http`]: `/metrics`, `/events`, `/healthz`, `/readyz`.
 //! * [`check`]: `probes check`.
+//! * [`offcpu`]: off-CPU stacks of chosen processes, on demand (`probes offcpu`,
+//!   `GET /debug/offcpu`).
 //! * [`config`]: the agent's typed configuration.
 
 pub mod agent;
@@ -27,6 +29,7 @@ pub mod kernel;
 pub mod lab;
 pub mod layout;
 pub mod metrics;
+pub mod offcpu;
 pub mod procfs;
 pub mod tracefs;
 pub mod wire;
@@ -49,7 +52,8 @@ pub async fn run(
     let handle = kit::metrics::install();
     let extra: http::ExtraMetrics = Arc::new(move || kit::metrics::render(&handle));
     let router =
-        kit::http::with_standard_layers(http::app(Arc::clone(&agent), extra), &config.http);
+        kit::http::with_standard_layers(http::app(Arc::clone(&agent), extra), &config.http)
+            .merge(http::debug_routes(Arc::clone(&agent), &config.debug));
     let background = tokio::spawn(Arc::clone(&agent).run_background(shutdown.clone()));
     let served = kit::http::serve(listener, router, shutdown.clone())
         .await

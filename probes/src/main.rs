@@ -1,5 +1,6 @@
 //! `probes`: the eBPF agent of the lab. `probes run` (the default) loads the probes, then
-//! serves `/metrics` and `/events` until SIGTERM; `probes check` says what this host offers.
+//! serves `/metrics` and `/events` until SIGTERM; `probes check` says what this host offers;
+//! `probes offcpu --pid PID` records where a process's threads wait.
 //!
 //! Exit codes: 0 done, 64 bad configuration, 77 not allowed to load eBPF (the lab then runs
 //! without kernel probes), 1 anything else.
@@ -38,6 +39,35 @@ enum Command {
         #[arg(long)]
         no_load: bool,
     },
+    /// Record where the threads of some processes wait (off-CPU stacks weighted by time) for a
+    /// while, and write a flamegraph, folded stacks or JSON. Needs root.
+    Offcpu(OffCpuArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct OffCpuArgs {
+    /// A process to follow (repeat for more).
+    #[arg(long = "pid", value_name = "PID", required = true)]
+    pids: Vec<u32>,
+    /// How long to record, in seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Shortest wait counted, in microseconds.
+    #[arg(long, default_value_t = 1)]
+    min_us: u64,
+    /// svg (a flamegraph), collapsed (folded stacks) or json.
+    #[arg(long, value_enum, default_value_t = OffCpuFormat::Svg)]
+    format: OffCpuFormat,
+    /// Where to write it (default: standard output).
+    #[arg(long, short, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OffCpuFormat {
+    Svg,
+    Collapsed,
+    Json,
 }
 
 #[derive(Debug, Default, clap::Args)]
@@ -70,6 +100,7 @@ fn main() {
             report.exit_code()
         }
         Some(Command::Run(run)) => run_agent(args.config, run),
+        Some(Command::Offcpu(o)) => offcpu(&o),
         None => run_agent(args.config, RunArgs::default()),
     };
     std::process::exit(code);
@@ -110,6 +141,72 @@ fn run_agent(config_file: Option<PathBuf>, run: RunArgs) -> i32 {
             1
         }
     }
+}
+
+fn offcpu(o: &OffCpuArgs) -> i32 {
+    use probes::offcpu::{OffCpuError, OffCpuOptions};
+    let opts = OffCpuOptions {
+        pids: o.pids.clone(),
+        duration: std::time::Duration::from_secs(o.seconds),
+        min: std::time::Duration::from_micros(o.min_us),
+    };
+    let profile = match probes::offcpu::capture(&opts) {
+        Ok(p) => p,
+        Err(OffCpuError::Invalid(why)) => {
+            eprintln!("probes offcpu: {why}");
+            return 64;
+        }
+        Err(OffCpuError::Unavailable(why)) => {
+            eprintln!("probes offcpu: {why}");
+            return EXIT_NO_PERMISSION;
+        }
+        Err(OffCpuError::Failed(e)) => {
+            eprintln!("probes offcpu: {e:#}");
+            return 1;
+        }
+    };
+    let pids: Vec<String> = o.pids.iter().map(u32::to_string).collect();
+    let body = match o.format {
+        OffCpuFormat::Collapsed => Ok(profile.collapsed().into_bytes()),
+        OffCpuFormat::Json => serde_json::to_vec_pretty(&profile).map_err(anyhow::Error::from),
+        OffCpuFormat::Svg => profile.svg(&format!(
+            "Off-CPU time of pid {} ({} s)",
+            pids.join(", "),
+            o.seconds
+        )),
+    };
+    let written = body.and_then(|b| match &o.output {
+        Some(path) => {
+            std::fs::write(path, b).with_context(|| format!("writing {}", path.display()))
+        }
+        None => {
+            use std::io::Write as _;
+            std::io::stdout()
+                .write_all(&b)
+                .context("writing to standard output")
+        }
+    });
+    if let Err(e) = written {
+        eprintln!("probes offcpu: {e:#}");
+        return 1;
+    }
+    eprintln!(
+        "probes offcpu: {:.1} s, {} waits, {:.3} s off-CPU in all, {} distinct stacks, {} still waiting at the end{}",
+        profile.seconds,
+        profile.waits,
+        profile.total_ns as f64 / 1e9,
+        profile.stacks.len(),
+        profile.still_waiting,
+        if profile.lost + profile.unwalkable > 0 {
+            format!(
+                "; {} stacks lost, {} not walkable (partial)",
+                profile.lost, profile.unwalkable
+            )
+        } else {
+            String::new()
+        }
+    );
+    0
 }
 
 enum Failure {

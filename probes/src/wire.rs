@@ -78,6 +78,20 @@ pub mod off {
     pub const EV_UID: usize = 128;
     pub const EV_OOM_SCORE_ADJ: usize = 132;
     pub const EV_REASON: usize = 136;
+
+    pub const OFFCPU_START_SIZE: usize = 40;
+    pub const OFFCPU_START_TS: usize = 0;
+    pub const OFFCPU_START_KEY: usize = 8;
+
+    pub const OFFCPU_KEY_SIZE: usize = 32;
+    pub const OFFCPU_KEY_TGID: usize = 0;
+    pub const OFFCPU_KEY_USER_STACK: usize = 4;
+    pub const OFFCPU_KEY_KERNEL_STACK: usize = 8;
+    pub const OFFCPU_KEY_COMM: usize = 16;
+
+    pub const OFFCPU_VAL_SIZE: usize = 16;
+    pub const OFFCPU_VAL_NS: usize = 0;
+    pub const OFFCPU_VAL_COUNT: usize = 8;
 }
 
 pub type FlowKeyBytes = [u8; off::FLOW_KEY_SIZE];
@@ -86,6 +100,56 @@ pub type RunqValBytes = [u8; off::RUNQ_VAL_SIZE];
 pub type BlkKeyBytes = [u8; off::BLK_KEY_SIZE];
 pub type BlkValBytes = [u8; off::BLK_VAL_SIZE];
 pub type SettingsBytes = [u8; off::SETTINGS_SIZE];
+pub type OffCpuStartBytes = [u8; off::OFFCPU_START_SIZE];
+pub type OffCpuKeyBytes = [u8; off::OFFCPU_KEY_SIZE];
+pub type OffCpuValBytes = [u8; off::OFFCPU_VAL_SIZE];
+
+/// `OFFCPU_NO_STACK`: the stack could not be stored.
+pub const OFFCPU_NO_STACK: i32 = -1;
+/// `OFFCPU_STACK_DEPTH`: frames per stored stack.
+pub const OFFCPU_STACK_DEPTH: usize = 127;
+
+/// Where a thread waited: its process, thread name and stacks (`offcpu_key`, or the stamp of
+/// a thread still off the CPU, `offcpu_start`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OffCpuKey {
+    pub tgid: u32,
+    pub user_stack: i32,
+    pub kernel_stack: i32,
+    pub comm: String,
+}
+
+impl OffCpuKey {
+    pub fn decode(b: &OffCpuKeyBytes) -> OffCpuKey {
+        OffCpuKey::decode_at(b, 0)
+    }
+
+    fn decode_at(b: &[u8], at: usize) -> OffCpuKey {
+        let comm = at + off::OFFCPU_KEY_COMM;
+        OffCpuKey {
+            tgid: u32_at(b, at + off::OFFCPU_KEY_TGID),
+            user_stack: i32_at(b, at + off::OFFCPU_KEY_USER_STACK),
+            kernel_stack: i32_at(b, at + off::OFFCPU_KEY_KERNEL_STACK),
+            comm: cstr(&b[comm..comm + 16]),
+        }
+    }
+}
+
+/// (time off the CPU in ns, number of waits) of one `offcpu_ns` entry.
+pub fn decode_offcpu_val(b: &OffCpuValBytes) -> (u64, u64) {
+    (
+        u64_at(b, off::OFFCPU_VAL_NS),
+        u64_at(b, off::OFFCPU_VAL_COUNT),
+    )
+}
+
+/// A thread still off the CPU: (since, in CLOCK_MONOTONIC ns; where it waits).
+pub fn decode_offcpu_start(b: &OffCpuStartBytes) -> (u64, OffCpuKey) {
+    (
+        u64_at(b, off::OFFCPU_START_TS),
+        OffCpuKey::decode_at(b, off::OFFCPU_START_KEY),
+    )
+}
 
 /// Why a buffer could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -574,6 +638,24 @@ const SHARED_LAYOUT: &[(&str, &str, usize, usize)] = &[
     ("event", "uid", off::EV_UID, 4),
     ("event", "oom_score_adj", off::EV_OOM_SCORE_ADJ, 4),
     ("event", "reason", off::EV_REASON, 4),
+    ("offcpu_start", "ts", off::OFFCPU_START_TS, 8),
+    (
+        "offcpu_start",
+        "key",
+        off::OFFCPU_START_KEY,
+        off::OFFCPU_KEY_SIZE,
+    ),
+    ("offcpu_key", "tgid", off::OFFCPU_KEY_TGID, 4),
+    ("offcpu_key", "user_stack", off::OFFCPU_KEY_USER_STACK, 4),
+    (
+        "offcpu_key",
+        "kernel_stack",
+        off::OFFCPU_KEY_KERNEL_STACK,
+        4,
+    ),
+    ("offcpu_key", "comm", off::OFFCPU_KEY_COMM, 16),
+    ("offcpu_val", "ns", off::OFFCPU_VAL_NS, 8),
+    ("offcpu_val", "count", off::OFFCPU_VAL_COUNT, 8),
 ];
 
 #[cfg(test)]
@@ -585,6 +667,9 @@ const SHARED_SIZES: &[(&str, usize)] = &[
     ("blk_key", off::BLK_KEY_SIZE),
     ("blk_val", off::BLK_VAL_SIZE),
     ("event", off::EVENT_SIZE),
+    ("offcpu_start", off::OFFCPU_START_SIZE),
+    ("offcpu_key", off::OFFCPU_KEY_SIZE),
+    ("offcpu_val", off::OFFCPU_VAL_SIZE),
 ];
 
 #[cfg(test)]
@@ -650,6 +735,11 @@ mod tests {
         assert_eq!(c_define("CTR_RINGBUF_FULL"), u64::from(CTR_RINGBUF_FULL));
         assert_eq!(c_define("CTR_MAP_FULL"), u64::from(CTR_MAP_FULL));
         assert_eq!(c_define("EV_OOM"), 7);
+        assert_eq!(c_define("OFFCPU_STACK_DEPTH"), OFFCPU_STACK_DEPTH as u64);
+        assert!(
+            HEADER.contains(&format!("#define OFFCPU_NO_STACK {OFFCPU_NO_STACK}\n")),
+            "OFFCPU_NO_STACK differs from shared.h"
+        );
     }
 
     #[test]

@@ -1446,11 +1446,162 @@ fn the_agent_serves_metrics_events_and_health() {
         format!("probes_tcp_connect_failures_total{{component=\"unknown\",dst=\"{refused}\"}}");
     assert!(metrics.contains(&failures), "no {failures}");
 
+    // /debug/offcpu: this test process's own off-CPU stacks; bad input named; one at a time.
+    let (status, body) = http_get(
+        addr,
+        &format!("/debug/offcpu?pid={me}&seconds=1&format=json"),
+    );
+    assert_eq!(status, 200, "{body}");
+    let profile: serde_json::Value = serde_json::from_str(&body).expect("off-CPU JSON");
+    assert_eq!(profile["schema"], "probes.offcpu/1", "{body}");
+    assert!(
+        profile["stacks"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty() && s.iter().all(|x| x["pid"] == me)),
+        "{body}"
+    );
+    for (path, status, field) in [
+        ("/debug/offcpu?seconds=1", 400, "component"),
+        ("/debug/offcpu?pid=abc", 400, "pid"),
+        ("/debug/offcpu?pid=1&seconds=999", 400, "seconds"),
+        ("/debug/offcpu?pid=1&format=png", 400, "format"),
+        ("/debug/offcpu?component=nope", 404, "component"),
+    ] {
+        let (got, body) = http_get(addr, path);
+        assert_eq!(got, status, "{path}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("error JSON");
+        assert_eq!(v["field"], field, "{path}: {body}");
+    }
+    let two: Vec<_> = (0..2)
+        .map(|_| {
+            let path = format!("/debug/offcpu?pid={me}&seconds=2&format=collapsed");
+            std::thread::spawn(move || http_get(addr, &path).0)
+        })
+        .collect();
+    let mut statuses: Vec<u16> = two
+        .into_iter()
+        .map(|t| t.join().expect("request"))
+        .collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 409], "two concurrent off-CPU captures");
+
     shutdown.trigger();
     runtime
         .block_on(server)
         .expect("server task")
         .expect("the agent stops cleanly");
+}
+
+/// Sleeps in short naps until `stop`: its off-CPU time is in `clock_nanosleep`.
+#[inline(never)]
+fn offcpu_marker_naps(stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits on a condition variable nobody signals, in short timeouts, until `stop`: its
+/// off-CPU time is in a futex wait.
+#[inline(never)]
+fn offcpu_marker_waits(stop: &AtomicBool) {
+    let (lock, cond) = (Mutex::new(()), std::sync::Condvar::new());
+    let mut guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+    while !stop.load(Ordering::Relaxed) {
+        guard = cond
+            .wait_timeout(guard, Duration::from_millis(5))
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+}
+
+#[test]
+fn offcpu_stacks_name_where_threads_waited_and_for_how_long() {
+    let test = "offcpu_stacks_name_where_threads_waited_and_for_how_long";
+    if !root_or_skip(test) {
+        return;
+    }
+    if !std::path::Path::new(probes::kernel::BTF_PATH).is_file() {
+        skipped(format_args!("{test}: the kernel has no BTF"));
+        return;
+    }
+    let _serial = serial();
+    let stop = Arc::new(AtomicBool::new(false));
+    let spawn = |name: &str, f: fn(&AtomicBool)| {
+        let stop = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || f(&stop))
+            .expect("spawning a thread")
+    };
+    let threads = [
+        spawn("offcpu-napper", offcpu_marker_naps),
+        spawn("offcpu-waiter", offcpu_marker_waits),
+    ];
+    let window = Duration::from_secs(3);
+    let result = probes::offcpu::capture(&probes::offcpu::OffCpuOptions {
+        pids: vec![std::process::id()],
+        duration: window,
+        min: probes::offcpu::DEFAULT_MIN,
+    });
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("thread");
+    }
+    let profile = result.expect("off-CPU capture");
+    let folded = profile.collapsed();
+    // Per thread: the time in stacks through its marker function and the expected kernel wait.
+    let time_in = |thread: &str, marker: &str, kernel: &str| -> u64 {
+        profile
+            .stacks
+            .iter()
+            .filter(|s| s.thread == thread)
+            .filter(|s| s.frames.iter().any(|f| f.contains(marker)))
+            .filter(|s| {
+                s.frames
+                    .iter()
+                    .any(|f| f.ends_with("_[k]") && f.contains(kernel))
+            })
+            .map(|s| s.us)
+            .sum()
+    };
+    let window_us = window.as_micros() as u64;
+    for (thread, marker, kernel) in [
+        ("offcpu-napper", "offcpu_marker_naps", "nanosleep"),
+        ("offcpu-waiter", "offcpu_marker_waits", "futex"),
+    ] {
+        let us = time_in(thread, marker, kernel);
+        eprintln!("{thread}: {us} µs off-CPU in {marker} / {kernel} of a {window_us} µs window");
+        // Almost all of the window asleep, never more than the window (+ scheduling slack).
+        assert!(
+            us >= window_us * 8 / 10 && us <= window_us + window_us / 20,
+            "{thread}: {us} µs off-CPU through {marker} and {kernel}, window {window_us} µs; \
+             profile (lost {}, unwalkable {}):\n{}",
+            profile.lost,
+            profile.unwalkable,
+            folded.lines().take(20).collect::<Vec<_>>().join("\n")
+        );
+    }
+    // Frames are root first: the marker sits below the kernel frames, and the scheduler's own
+    // frames (`__schedule` and above) are cut.
+    let napper = profile
+        .stacks
+        .iter()
+        .find(|s| {
+            s.thread == "offcpu-napper" && s.frames.iter().any(|f| f.contains("offcpu_marker_naps"))
+        })
+        .expect("a napper stack");
+    let marker_at = napper
+        .frames
+        .iter()
+        .position(|f| f.contains("offcpu_marker_naps"));
+    let first_kernel = napper.frames.iter().position(|f| f.ends_with("_[k]"));
+    assert!(marker_at < first_kernel, "{:?}", napper.frames);
+    assert!(
+        !napper.frames.iter().any(|f| f == "__schedule_[k]"),
+        "{:?}",
+        napper.frames
+    );
+    assert!(folded.contains("offcpu-napper;"), "{folded}");
 }
 
 #[test]

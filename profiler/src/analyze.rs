@@ -508,7 +508,9 @@ pub fn find_profiles(path: &Path) -> anyhow::Result<Vec<ProfileFile>> {
             .unwrap_or_default()
             .to_string();
         let cpu = (name.ends_with(".pb.gz") && !name.ends_with(".heap.pb.gz"))
-            || (name.ends_with(".collapsed") && !name.ends_with(".heap.collapsed"));
+            || (name.ends_with(".collapsed")
+                && !name.ends_with(".heap.collapsed")
+                && !name.ends_with(".offcpu.collapsed"));
         if cpu {
             out.push(ProfileFile {
                 service: service_of(&p),

@@ -3,8 +3,10 @@
 //!
 //! Per service: `<service>.pb.gz` (the gzipped pprof protobuf exactly as the service served it),
 //! `<service>.svg` (its flamegraph) and `<service>.collapsed` (folded stacks), all from that one
-//! profile. `all` adds `<service>.heap.pb.gz` and `<service>.heap.svg` (jemalloc in-use heap) and
-//! `<service>.metrics.txt` (a `/metrics` snapshot). `manifest.json` records what was asked, what
+//! profile. `all` adds `<service>.heap.pb.gz` and `<service>.heap.svg` (jemalloc in-use heap),
+//! `<service>.metrics.txt` (a `/metrics` snapshot) and, when the lab runs the eBPF agent,
+//! `<service>.offcpu.svg` and `<service>.offcpu.collapsed` (where its threads waited, recorded
+//! by the agent during the same window as the CPU profile). `manifest.json` records what was asked, what
 //! was captured and what failed, and the load generator's summary; `load.json` is that summary.
 
 use crate::target::{Service, Stack};
@@ -125,11 +127,19 @@ pub async fn capture(stack: &Stack, opts: &CaptureOptions) -> anyhow::Result<Pat
         })
         .await;
     }
-    let cpu_results = each_service(stack, |stack, s| {
+    let cpu = each_service(stack, |stack, s| {
         let (opts, dir) = (opts.clone(), dir.clone());
         async move { cpu_one(&stack, &s, &opts, &dir).await }
-    })
-    .await;
+    });
+    // Off-CPU stacks over the same window, from the eBPF agent (one capture for all services).
+    let off_cpu = async {
+        if opts.all {
+            Some(offcpu_all(stack, opts, &dir).await)
+        } else {
+            None
+        }
+    };
+    let (cpu_results, off_cpu_results) = tokio::join!(cpu, off_cpu);
     if opts.all {
         // The counters at the end of the load window.
         metrics_results = each_service(stack, |stack, s| {
@@ -173,6 +183,13 @@ pub async fn capture(stack: &Stack, opts: &CaptureOptions) -> anyhow::Result<Pat
                 Ok(v) => v.clone(),
                 Err(e) => json!({ "error": format!("{e:#}") }),
             };
+            entry["off_cpu"] = match &off_cpu_results {
+                Some(Ok(per_service)) => per_service.get(&s.name).cloned().unwrap_or_else(
+                    || json!({ "error": "the agent recorded no process of this service" }),
+                ),
+                // The whole capture failed: the manifest's `off_cpu` says why, once.
+                Some(Err(_)) | None => Value::Null,
+            };
         }
         services.push(entry);
     }
@@ -191,10 +208,8 @@ pub async fn capture(stack: &Stack, opts: &CaptureOptions) -> anyhow::Result<Pat
         },
         "services": services,
     });
-    if opts.all {
-        manifest["off_cpu"] = json!(
-            "not captured: the probes agent has no off-CPU stack probe yet; `profiler all` adds it when one lands"
-        );
+    if let Some(Err(e)) = &off_cpu_results {
+        manifest["off_cpu"] = json!(format!("not captured: {e:#}"));
     }
     let manifest_path = dir.join("manifest.json");
     std::fs::write(
@@ -360,6 +375,103 @@ async fn heap_one(stack: &Stack, s: &Service, dir: &Path) -> anyhow::Result<Valu
     Ok(json!({ "pprof": pb, "svg": svg, "inuse_bytes": bytes_total }))
 }
 
+/// The agent's off-CPU capture of every service over `opts.seconds`, split per service and
+/// written as `<service>.offcpu.svg` and `.offcpu.collapsed`; per service name, what was
+/// written (or why not).
+async fn offcpu_all(
+    stack: &Stack,
+    opts: &CaptureOptions,
+    dir: &Path,
+) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let url = stack.probes.clone().map_err(anyhow::Error::msg)?;
+    let names: Vec<&str> = stack.services.iter().map(|s| s.name.as_str()).collect();
+    let agent = Service {
+        name: "probes".into(),
+        url,
+        pid: None,
+    };
+    let bytes = stack
+        .get(
+            &agent,
+            &format!(
+                "/debug/offcpu?component={}&seconds={}&format=json",
+                names.join(","),
+                opts.seconds
+            ),
+            Duration::from_secs(opts.seconds + 120),
+        )
+        .await?;
+    let profile: OffCpuAnswer =
+        serde_json::from_slice(&bytes).context("the agent's off-CPU answer does not parse")?;
+    let mut out = serde_json::Map::new();
+    for s in &stack.services {
+        let pids: Vec<u32> = profile
+            .components
+            .iter()
+            .filter(|(_, c)| **c == s.name)
+            .filter_map(|(p, _)| p.parse().ok())
+            .collect();
+        if pids.is_empty() {
+            continue;
+        }
+        let st: Vec<kit::debug::Stack> = profile
+            .stacks
+            .iter()
+            .filter(|x| pids.contains(&x.pid))
+            .map(|x| kit::debug::Stack {
+                frames: x.frames.clone(),
+                thread: Some(x.thread.clone()),
+                value: x.us.min(i64::MAX as u64) as i64,
+            })
+            .collect();
+        let total_us: i64 = st.iter().map(|x| x.value).sum();
+        let svg = format!("{}.offcpu.svg", s.name);
+        let folded = format!("{}.offcpu.collapsed", s.name);
+        write(&dir.join(&folded), collapsed(&st, true).as_bytes())?;
+        let title = format!(
+            "{}: off-CPU time by where its threads waited, {} s ({:.1} thread-seconds)",
+            s.name,
+            opts.seconds,
+            total_us as f64 / 1e6
+        );
+        write(
+            &dir.join(&svg),
+            &flamegraph_svg(&st, &title, "µs off-CPU").map_err(|e| anyhow::anyhow!("{e}"))?,
+        )?;
+        out.insert(
+            s.name.clone(),
+            json!({
+                "svg": svg,
+                "collapsed": folded,
+                "off_cpu_seconds": total_us as f64 / 1e6,
+                "stacks": st.len(),
+                "partial": profile.lost + profile.unwalkable > 0,
+            }),
+        );
+    }
+    Ok(out)
+}
+
+/// The fields of the agent's `probes.offcpu/1` answer the capture uses.
+#[derive(Debug, serde::Deserialize)]
+struct OffCpuAnswer {
+    stacks: Vec<OffCpuAnswerStack>,
+    #[serde(default)]
+    components: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    lost: u64,
+    #[serde(default)]
+    unwalkable: u64,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct OffCpuAnswerStack {
+    pid: u32,
+    thread: String,
+    frames: Vec<String>,
+    us: u64,
+}
+
 /// Saves one service's `/metrics`.
 async fn metrics_one(stack: &Stack, s: &Service, dir: &Path) -> anyhow::Result<Value> {
     let bytes = stack.get(s, "/metrics", Duration::from_secs(10)).await?;
@@ -397,6 +509,16 @@ fn print_summary(manifest: &Value, dir: &Path) {
         }
         if let Some(e) = s.get("metrics").and_then(|m| m["error"].as_str()) {
             eprintln!("  {name}: metrics snapshot FAILED: {e}");
+        }
+        if let Some(o) = s.get("off_cpu").filter(|o| !o.is_null()) {
+            match o["error"].as_str() {
+                Some(e) => eprintln!("  {name}: off-CPU stacks FAILED: {e}"),
+                None => eprintln!(
+                    "  {name}: {:.1} thread-seconds off-CPU -> {}",
+                    o["off_cpu_seconds"].as_f64().unwrap_or(0.0),
+                    dir.join(o["svg"].as_str().unwrap_or_default()).display()
+                ),
+            }
         }
     }
     if let Some(l) = manifest["load"]["summary"].as_object() {

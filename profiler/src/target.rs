@@ -35,6 +35,8 @@ pub struct Stack {
     pub services: Vec<Service>,
     /// The gateway's URL, where the load goes.
     pub gateway: String,
+    /// The lab's eBPF agent (`probes`), when it runs: its URL (loopback), or why not.
+    pub probes: Result<String, String>,
     token: Option<String>,
     pub client: reqwest::Client,
 }
@@ -72,6 +74,16 @@ impl Stack {
             .and_then(|g| g.urls.get("http"))
             .map(|u| u.trim_end_matches('/').to_string())
             .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+        let probes = match state.component(Component::Probes) {
+            None => Err("the lab runs no eBPF agent (it needs root and eBPF: see `target/release/probes check`)".to_string()),
+            Some(p) if !p.status.is_active() => Err(format!("the lab's eBPF agent is {}", p.status)),
+            Some(p) => p
+                .urls
+                .get("http")
+                .or_else(|| p.urls.values().next())
+                .map(|u| u.trim_end_matches('/').to_string())
+                .ok_or_else(|| "the lab's eBPF agent has no URL in the state file".to_string()),
+        };
         let token = std::fs::read_to_string(state.root.join(DEBUG_TOKEN_FILE))
             .ok()
             .map(|t| t.trim().to_string())
@@ -84,6 +96,7 @@ impl Stack {
             state_file: state_file.to_owned(),
             services,
             gateway,
+            probes,
             token,
             client,
         })

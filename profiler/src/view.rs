@@ -20,9 +20,13 @@ pub fn write_index(dir: &Path) -> anyhow::Result<PathBuf> {
     names.sort();
     let cpu: Vec<&String> = names
         .iter()
-        .filter(|n| n.ends_with(".svg") && !n.ends_with(".heap.svg"))
+        .filter(|n| n.ends_with(".svg") && !n.ends_with(".heap.svg") && !n.ends_with(".offcpu.svg"))
         .collect();
     let heap: Vec<&String> = names.iter().filter(|n| n.ends_with(".heap.svg")).collect();
+    let off_cpu: Vec<&String> = names
+        .iter()
+        .filter(|n| n.ends_with(".offcpu.svg"))
+        .collect();
     anyhow::ensure!(
         !cpu.is_empty() || !heap.is_empty(),
         "no flamegraphs (*.svg) in {}",
@@ -99,6 +103,25 @@ object {{ width: 100%; border: 1px solid #ddd; }}
         }
         let _ = writeln!(html, "</ul>");
     }
+    if !off_cpu.is_empty() {
+        let _ = writeln!(
+            html,
+            "<h2>Off-CPU flamegraphs (eBPF: where the threads waited)</h2><ul>"
+        );
+        for svg in &off_cpu {
+            let service = svg.trim_end_matches(".offcpu.svg");
+            let _ = writeln!(
+                html,
+                "<li><a href=\"{s}\">{svc}</a> (<a href=\"{svc}.offcpu.collapsed\">collapsed</a>)</li>",
+                s = esc(svg),
+                svc = esc(service)
+            );
+        }
+        let _ = writeln!(
+            html,
+            "</ul><p class=\"note\">Off-CPU: width = thread time spent off the CPU during the window, by the user stack under the kernel stack (<code>_[k]</code>) where the thread stopped. Idle runtime workers (parked in <code>epoll_wait</code> or a futex) are most of it in a lightly loaded service; blocking calls (fdatasync), lock waits and preemption (<code>exit_to_user_mode_loop</code>) are the rest. An async task waiting for PostgreSQL blocks no thread and is not here.</p>"
+        );
+    }
     let metrics: Vec<&String> = names
         .iter()
         .filter(|n| n.ends_with(".metrics.txt"))
@@ -111,10 +134,11 @@ object {{ width: 100%; border: 1px solid #ddd; }}
             .collect();
         let _ = writeln!(html, "{}</p>", links.join(", "));
     }
-    for svg in cpu.iter().chain(heap.iter()) {
+    for svg in cpu.iter().chain(heap.iter()).chain(off_cpu.iter()) {
         let service = svg.trim_end_matches(".heap.svg").trim_end_matches(".svg");
         let _ = writeln!(html, "<h2 id=\"{0}\">{0}</h2>", esc(svg));
         if !svg.ends_with(".heap.svg")
+            && !svg.ends_with(".offcpu.svg")
             && let Some(a) = std::fs::read(dir.join(format!("{service}.analysis.json")))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Analysis>(&b).ok())
@@ -267,6 +291,7 @@ mod tests {
             "order-gateway.svg",
             "order-gateway.pb.gz",
             "order-gateway.heap.svg",
+            "order-gateway.offcpu.svg",
             "persistence.svg",
         ] {
             std::fs::write(dir.path().join(f), "<svg/>").expect("write");
@@ -277,6 +302,8 @@ mod tests {
             "href=\"order-gateway.svg\"",
             "href=\"persistence.svg\"",
             "href=\"order-gateway.heap.svg\"",
+            "href=\"order-gateway.offcpu.svg\"",
+            "href=\"order-gateway.offcpu.collapsed\"",
             "CPU share is not latency share",
         ] {
             assert!(html.contains(want), "{want}");

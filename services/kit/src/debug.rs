@@ -185,6 +185,19 @@ pub fn with_debug_routes(app: Router, service: &'static str, config: &DebugConfi
     routes(service, config).merge(app)
 }
 
+/// `router`'s routes behind the access rule of `/debug/pprof` ([`decide`]), for other debug
+/// endpoints (the probes agent's `/debug/offcpu`).
+pub fn guard_routes<S>(router: Router<S>, config: &DebugConfig) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let state = DebugState {
+        service: "",
+        token: config.token.as_deref().map(Arc::from),
+    };
+    router.route_layer(middleware::from_fn_with_state(state, guard))
+}
+
 /// What the guard decided about one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Access {
@@ -1312,7 +1325,7 @@ fn empty_svg(title: &str) -> String {
         r#"<?xml version="1.0" standalone="no"?>
 <svg version="1.1" width="1200" height="80" xmlns="http://www.w3.org/2000/svg">
 <text x="600" y="30" text-anchor="middle" font-family="Verdana" font-size="17">{esc}</text>
-<text x="600" y="60" text-anchor="middle" font-family="Verdana" font-size="12">no samples: the process used no CPU while it was profiled</text>
+<text x="600" y="60" text-anchor="middle" font-family="Verdana" font-size="12">no samples: nothing was recorded while the process was profiled (an idle process takes no CPU samples)</text>
 </svg>
 "#
     )
