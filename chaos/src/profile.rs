@@ -1,7 +1,8 @@
 //! Profiling during chaos: CPU profiles of one component (folded stacks from its
 //! `/debug/pprof/profile?format=collapsed` endpoint) during the baseline and during the fault,
 //! rendered as flamegraphs with inferno, plus the differential flamegraph (red: more samples
-//! during the fault, blue: fewer).
+//! during the fault, blue: fewer). When the lab runs the eBPF agent, the same for the
+//! component's off-CPU time (`/debug/offcpu` on the agent): where its threads waited.
 
 use crate::report::Profiles;
 use crate::target::Stack;
@@ -50,6 +51,45 @@ pub async fn capture(
     Ok(path)
 }
 
+/// Fetches `secs` seconds of `c`'s off-CPU stacks from the lab's eBPF agent as folded stacks
+/// (microseconds) into `<prefix>.offcpu.folded`.
+pub async fn capture_offcpu(
+    stack: &Stack,
+    c: Component,
+    secs: f64,
+    prefix: &Path,
+) -> Result<PathBuf, String> {
+    let agent = stack
+        .url(Component::Probes)
+        .map_err(|_| "off-CPU stacks: the lab runs no eBPF agent (it needs root)".to_string())?;
+    let secs = secs.round().max(1.0) as u64;
+    let resp = reqwest::Client::new()
+        .get(format!(
+            "{agent}/debug/offcpu?component={c}&seconds={secs}&format=collapsed"
+        ))
+        .timeout(Duration::from_secs(secs + 60))
+        .send()
+        .await
+        .map_err(|e| format!("off-CPU stacks of {c}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!(
+            "off-CPU stacks of {c}: {} {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default().trim()
+        ));
+    }
+    let body = resp
+        .text()
+        .await
+        .map_err(|e| format!("off-CPU stacks of {c}: {e}"))?;
+    if body.trim().is_empty() {
+        return Err(format!("off-CPU stacks of {c}: no thread switched"));
+    }
+    let path = prefix.with_extension("offcpu.folded");
+    std::fs::write(&path, body).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(path)
+}
+
 fn render(folded: &Path, title: &str, svg: &Path) -> Result<(), String> {
     let mut opts = inferno::flamegraph::Options::default();
     opts.title = title.to_owned();
@@ -58,22 +98,24 @@ fn render(folded: &Path, title: &str, svg: &Path) -> Result<(), String> {
         .map_err(|e| format!("rendering {}: {e}", svg.display()))
 }
 
-/// Renders what was captured; notes what could not be.
-pub fn assemble(
+/// What one kind of profile produced: (baseline, fault, differential) SVG names.
+type Rendered = (Option<String>, Option<String>, Option<String>);
+
+/// Renders `<kind>baseline.svg`, `<kind>fault.svg` and `<kind>differential.svg` from what was
+/// captured; notes what could not be.
+fn render_pair(
     dir: &Path,
+    file_prefix: &str,
+    what: &str,
     c: Component,
     baseline: Option<Result<PathBuf, String>>,
     fault: Option<Result<PathBuf, String>>,
-) -> Profiles {
-    let mut p = Profiles {
-        component: c.to_string(),
-        ..Profiles::default()
-    };
-    let mut notes = Vec::new();
+    notes: &mut Vec<String>,
+) -> Rendered {
     let mut ok = |r: Option<Result<PathBuf, String>>, name: &str, title: &str| -> Option<PathBuf> {
         match r {
             Some(Ok(folded)) => {
-                let svg = dir.join(format!("{name}.svg"));
+                let svg = dir.join(format!("{file_prefix}{name}.svg"));
                 match render(&folded, title, &svg) {
                     Ok(()) => Some(folded),
                     Err(e) => {
@@ -89,16 +131,19 @@ pub fn assemble(
             None => None,
         }
     };
-    let base = ok(baseline, "baseline", &format!("{c}: CPU before the fault"));
-    let during = ok(fault, "fault", &format!("{c}: CPU during the fault"));
-    if base.is_some() {
-        p.baseline_svg = Some("baseline.svg".into());
-    }
-    if during.is_some() {
-        p.fault_svg = Some("fault.svg".into());
-    }
+    let base = ok(
+        baseline,
+        "baseline",
+        &format!("{c}: {what} before the fault"),
+    );
+    let during = ok(fault, "fault", &format!("{c}: {what} during the fault"));
+    let mut out: Rendered = (
+        base.is_some().then(|| format!("{file_prefix}baseline.svg")),
+        during.is_some().then(|| format!("{file_prefix}fault.svg")),
+        None,
+    );
     if let (Some(b), Some(f)) = (base, during) {
-        let diff = dir.join("differential.folded");
+        let diff = dir.join(format!("{file_prefix}differential.folded"));
         let made = std::fs::File::create(&diff)
             .map_err(|e| e.to_string())
             .and_then(|out| {
@@ -113,17 +158,45 @@ pub fn assemble(
             .and_then(|()| {
                 render(
                     &diff,
-                    &format!("{c}: differential (red = more CPU during the fault)"),
-                    &dir.join("differential.svg"),
+                    &format!("{c}: differential {what} (red = more during the fault)"),
+                    &dir.join(format!("{file_prefix}differential.svg")),
                 )
             });
         match made {
-            Ok(()) => p.differential_svg = Some("differential.svg".into()),
-            Err(e) => notes.push(format!("differential flamegraph: {e}")),
+            Ok(()) => out.2 = Some(format!("{file_prefix}differential.svg")),
+            Err(e) => notes.push(format!("differential {what} flamegraph: {e}")),
         }
     }
-    if !notes.is_empty() {
-        p.note = Some(notes.join("; "));
+    out
+}
+
+/// Captured profiles of one phase: the CPU profile and, when asked for, the off-CPU stacks.
+pub type Captured = Option<Result<PathBuf, String>>;
+
+/// Renders what was captured (CPU, and off-CPU when `off_cpu` holds captures); notes what
+/// could not be.
+pub fn assemble(
+    dir: &Path,
+    c: Component,
+    baseline: Captured,
+    fault: Captured,
+    off_cpu: Option<(Captured, Captured)>,
+) -> Profiles {
+    let mut notes = Vec::new();
+    let (baseline_svg, fault_svg, differential_svg) =
+        render_pair(dir, "", "CPU", c, baseline, fault, &mut notes);
+    let (offcpu_baseline_svg, offcpu_fault_svg, offcpu_differential_svg) = match off_cpu {
+        Some((b, f)) => render_pair(dir, "offcpu-", "off-CPU time", c, b, f, &mut notes),
+        None => (None, None, None),
+    };
+    Profiles {
+        component: c.to_string(),
+        baseline_svg,
+        fault_svg,
+        differential_svg,
+        offcpu_baseline_svg,
+        offcpu_fault_svg,
+        offcpu_differential_svg,
+        note: (!notes.is_empty()).then(|| notes.join("; ")),
     }
-    p
 }

@@ -97,6 +97,13 @@ pub struct Profiles {
     pub baseline_svg: Option<String>,
     pub fault_svg: Option<String>,
     pub differential_svg: Option<String>,
+    /// Off-CPU flamegraphs (the eBPF agent's `/debug/offcpu`), when the lab runs the agent.
+    #[serde(default)]
+    pub offcpu_baseline_svg: Option<String>,
+    #[serde(default)]
+    pub offcpu_fault_svg: Option<String>,
+    #[serde(default)]
+    pub offcpu_differential_svg: Option<String>,
     pub note: Option<String>,
 }
 
@@ -318,9 +325,12 @@ impl Report {
         if let Some(p) = &self.profiles {
             let _ = writeln!(s, "\n## Profiles of {}\n", p.component);
             for (n, f) in [
-                ("baseline", &p.baseline_svg),
-                ("during the fault", &p.fault_svg),
-                ("differential", &p.differential_svg),
+                ("CPU, baseline", &p.baseline_svg),
+                ("CPU, during the fault", &p.fault_svg),
+                ("CPU, differential", &p.differential_svg),
+                ("off-CPU, baseline", &p.offcpu_baseline_svg),
+                ("off-CPU, during the fault", &p.offcpu_fault_svg),
+                ("off-CPU, differential", &p.offcpu_differential_svg),
             ] {
                 if let Some(f) = f {
                     let _ = writeln!(s, "- {n}: [{f}]({f})");
@@ -412,6 +422,32 @@ impl Report {
                 Err(e) => {
                     let _ = write!(h, "<p>chart {name} could not be drawn: {}</p>", esc(&e));
                 }
+            }
+        }
+        if let Some(p) = &self.profiles {
+            let links: Vec<String> = [
+                ("CPU before", &p.baseline_svg),
+                ("CPU during the fault", &p.fault_svg),
+                ("CPU differential", &p.differential_svg),
+                ("off-CPU before", &p.offcpu_baseline_svg),
+                ("off-CPU during the fault", &p.offcpu_fault_svg),
+                ("off-CPU differential", &p.offcpu_differential_svg),
+            ]
+            .iter()
+            .filter_map(|(n, f)| {
+                f.as_ref()
+                    .map(|f| format!("{}: <code>{}</code>", esc(n), esc(f)))
+            })
+            .collect();
+            // Named, not linked: the report stays self-contained; the files sit next to it.
+            let _ = write!(
+                h,
+                "<h2>Flamegraphs of {}</h2><p>In this report's folder: {}</p>",
+                esc(&p.component),
+                links.join(" · ")
+            );
+            if let Some(n) = &p.note {
+                let _ = write!(h, "<p>{}</p>", esc(n));
             }
         }
         let _ = write!(h, "<h2>Details</h2><pre>{}</pre>", esc(&self.markdown()));

@@ -285,13 +285,26 @@ pub async fn run(
     let profile_secs = (timing.baseline_s - 2.0)
         .min(timing.hold_s - 2.0)
         .clamp(1.0, 10.0);
-    let baseline_profile = profile_target.map(|c| {
+    // Off-CPU stacks over the same windows, when the experiment asks for kernel evidence.
+    let off_cpu_wanted = exp.evidence.probes;
+    let spawn_profiles = |c: Component, phase: &'static str| {
         let (stack, dir) = (stack.clone(), dir.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            crate::profile::capture(&stack, c, profile_secs, &dir.join("baseline")).await
-        })
-    });
+        let cpu = tokio::spawn({
+            let (stack, dir) = (stack.clone(), dir.clone());
+            async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                crate::profile::capture(&stack, c, profile_secs, &dir.join(phase)).await
+            }
+        });
+        let off_cpu = off_cpu_wanted.then(|| {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                crate::profile::capture_offcpu(&stack, c, profile_secs, &dir.join(phase)).await
+            })
+        });
+        (cpu, off_cpu)
+    };
+    let baseline_profile = profile_target.map(|c| spawn_profiles(c, "baseline"));
     let mut interrupted = !wait(timing.baseline_s, &mut cancel).await;
 
     // ---- inject and hold
@@ -303,13 +316,9 @@ pub async fn run(
     let mut ended: Vec<Option<u64>> = vec![None; injectors.len()];
     let mut injection_failed = None;
     let inject_ms = now_ms();
-    let fault_profile = profile_target.filter(|_| !interrupted).map(|c| {
-        let (stack, dir) = (stack.clone(), dir.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            crate::profile::capture(&stack, c, profile_secs, &dir.join("fault")).await
-        })
-    });
+    let fault_profile = profile_target
+        .filter(|_| !interrupted)
+        .map(|c| spawn_profiles(c, "fault"));
     let capacity_during = (capacity && !interrupted).then(|| {
         let spec = capacity_spec("during");
         tokio::spawn(async move { loadgen::capacity::search(&spec, |_| {}).await })
@@ -462,13 +471,27 @@ pub async fn run(
         report.capacity_during = task.await.ok().and_then(Result::ok);
     }
     let profiles = match (baseline_profile, fault_profile, profile_target) {
-        (Some(b), f, Some(c)) => {
-            let base = b.await.ok();
-            let fault = match f {
-                Some(f) => f.await.ok(),
-                None => None,
+        (Some((base_cpu, base_off)), f, Some(c)) => {
+            let base = base_cpu.await.ok();
+            let (fault, fault_off) = match f {
+                Some((cpu, off)) => (cpu.await.ok(), off),
+                None => (None, None),
             };
-            Some(crate::profile::assemble(&dir, c, base, fault))
+            let off_cpu = match (base_off, fault_off) {
+                (None, None) => None,
+                (b, f) => {
+                    let b = match b {
+                        Some(t) => t.await.ok(),
+                        None => None,
+                    };
+                    let f = match f {
+                        Some(t) => t.await.ok(),
+                        None => None,
+                    };
+                    Some((b, f))
+                }
+            };
+            Some(crate::profile::assemble(&dir, c, base, fault, off_cpu))
         }
         _ => None,
     };

@@ -100,7 +100,16 @@ fn story(exp: &Experiment) -> Report {
         kernel: KernelEvidence::default(),
         capacity_before: None,
         capacity_during: None,
-        profiles: None,
+        profiles: Some(chaos::report::Profiles {
+            component: "order-gateway".into(),
+            baseline_svg: Some("baseline.svg".into()),
+            fault_svg: Some("fault.svg".into()),
+            differential_svg: Some("differential.svg".into()),
+            offcpu_baseline_svg: Some("offcpu-baseline.svg".into()),
+            offcpu_fault_svg: Some("offcpu-fault.svg".into()),
+            offcpu_differential_svg: None,
+            note: Some("differential off-CPU time flamegraph: nothing to compare".into()),
+        }),
         reverted: vec![],
         leftovers: vec![],
         load_summary: None,
@@ -164,8 +173,17 @@ fn reports_render_self_contained_and_validate_against_the_schema() {
         junit.contains("<failure"),
         "the failed audit check is a failure"
     );
+    assert!(
+        html.contains("off-CPU during the fault: <code>offcpu-fault.svg</code>"),
+        "the flamegraphs are named in report.html"
+    );
     let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
     assert!(md.contains("time to full recovery"));
+    assert!(md.contains("- off-CPU, baseline: [offcpu-baseline.svg](offcpu-baseline.svg)"));
+    assert!(
+        !md.contains("off-CPU, differential"),
+        "absent files are not listed"
+    );
 
     // `chaos report DIR` re-renders from report.json alone.
     std::fs::remove_file(dir.path().join("report.html")).unwrap();
