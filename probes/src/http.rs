@@ -246,13 +246,20 @@ async fn offcpu_handler(State(s): State<OffCpuState>, Query(q): Query<OffCpuQuer
         }
     };
     let summary = format!(
-        "waits={} off_cpu_s={:.3} stacks={} still_waiting={} lost={} unwalkable={}",
+        "waits={} off_cpu_s={:.3} stacks={} still_waiting={} lost={} unwalkable={} program_runs={} program_ms={}",
         profile.waits,
         profile.total_ns as f64 / 1e9,
         profile.stacks.len(),
         profile.still_waiting,
         profile.lost,
-        profile.unwalkable
+        profile.unwalkable,
+        profile
+            .program_runs
+            .map_or_else(|| "unknown".to_string(), |r| r.to_string()),
+        profile.program_ns.map_or_else(
+            || "unknown".to_string(),
+            |n| format!("{:.3}", n as f64 / 1e6)
+        ),
     );
     let header = ("x-offcpu-summary", summary);
     match format {

@@ -191,7 +191,7 @@ fn offcpu(o: &OffCpuArgs) -> i32 {
         return 1;
     }
     eprintln!(
-        "probes offcpu: {:.1} s, {} waits, {:.3} s off-CPU in all, {} distinct stacks, {} still waiting at the end{}",
+        "probes offcpu: {:.1} s, {} waits, {:.3} s off-CPU in all, {} distinct stacks, {} still waiting at the end{}{}",
         profile.seconds,
         profile.waits,
         profile.total_ns as f64 / 1e9,
@@ -204,6 +204,14 @@ fn offcpu(o: &OffCpuArgs) -> i32 {
             )
         } else {
             String::new()
+        },
+        match (profile.program_runs, profile.program_ns) {
+            (Some(runs), Some(ns)) if runs > 0 => format!(
+                "; the program ran {runs} times, {:.1} ms of kernel CPU ({} ns a run)",
+                ns as f64 / 1e6,
+                ns / runs
+            ),
+            _ => String::new(),
         }
     );
     0

@@ -115,6 +115,11 @@ pub struct OffCpuProfile {
     pub lost: u64,
     /// Stacks the kernel could not walk (same frame in the profile).
     pub unwalkable: u64,
+    /// What the capture cost the kernel: times the program ran (every context switch of the
+    /// host) and its total run time, in nanoseconds (`None` when run-time statistics could not
+    /// be turned on).
+    pub program_runs: Option<u64>,
+    pub program_ns: Option<u64>,
 }
 
 /// The schema name of [`OffCpuProfile`] as JSON.
@@ -226,6 +231,10 @@ pub fn capture(opts: &OffCpuOptions) -> Result<OffCpuProfile, OffCpuError> {
             &format!("loading offcpu_switch: {e:#}")
         )))
     })?;
+    // Run-time statistics while the capture runs (closed, hence off again, when dropped).
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .inspect_err(|e| tracing::debug!(error = %e, "BPF run-time statistics"))
+        .ok();
     let started = monotonic_ns();
     let link = program.attach().map_err(|e| {
         if is_permission_error(&e) {
@@ -241,6 +250,14 @@ pub fn capture(opts: &OffCpuOptions) -> Result<OffCpuProfile, OffCpuError> {
     detached
         .context("detaching the off-CPU program")
         .map_err(failed)?;
+    let (program_runs, program_ns) = match (&stats, program.info()) {
+        (Some(_), Ok(info)) => (
+            Some(info.run_count()),
+            Some(info.run_time().as_nanos().min(u128::from(u64::MAX)) as u64),
+        ),
+        _ => (None, None),
+    };
+    drop(stats);
 
     let counts: BpfHashMap<MapData, OffCpuKeyBytes, OffCpuValBytes> =
         take(&mut ebpf, "offcpu_ns").map_err(failed)?;
@@ -280,6 +297,8 @@ pub fn capture(opts: &OffCpuOptions) -> Result<OffCpuProfile, OffCpuError> {
         still_waiting,
         lost: lost_at(0),
         unwalkable: lost_at(1),
+        program_runs,
+        program_ns,
     })
 }
 

@@ -1602,6 +1602,13 @@ fn offcpu_stacks_name_where_threads_waited_and_for_how_long() {
         napper.frames
     );
     assert!(folded.contains("offcpu-napper;"), "{folded}");
+    // Run-time statistics were on for the capture: the program ran on the host's switches.
+    assert!(
+        profile.program_runs.is_some_and(|r| r > 0) && profile.program_ns.is_some_and(|n| n > 0),
+        "program statistics: {:?} runs, {:?} ns",
+        profile.program_runs,
+        profile.program_ns
+    );
 }
 
 #[test]
