@@ -110,12 +110,21 @@ struct OffCpuQuery {
     format: Option<String>,
 }
 
-/// Clears the busy flag when the request ends, however it ends.
+/// Clears the busy flag when the capture ends, however it ends.
 struct Busy(Arc<AtomicBool>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Sets the capture's cancel flag when the request is dropped (the client went away).
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
@@ -220,14 +229,21 @@ async fn offcpu_handler(State(s): State<OffCpuState>, Query(q): Query<OffCpuQuer
         )
             .into_response();
     }
+    // The guard lives in the capture task: the flag clears when the program is detached, not
+    // when the request goes away. A client that disconnects cancels the capture.
     let busy = Busy(Arc::clone(&s.busy));
+    let cancel = Arc::new(AtomicBool::new(false));
+    let _cancel_on_drop = CancelOnDrop(Arc::clone(&cancel));
     let opts = OffCpuOptions {
         pids,
         duration: Duration::from_secs(seconds),
         min: Duration::from_micros(min_us),
     };
-    let result = tokio::task::spawn_blocking(move || offcpu::capture(&opts)).await;
-    drop(busy);
+    let result = tokio::task::spawn_blocking(move || {
+        let _busy = busy;
+        offcpu::capture_until(&opts, &cancel)
+    })
+    .await;
     let profile = match result {
         Ok(Ok(p)) => p,
         Ok(Err(OffCpuError::Invalid(why))) => return bad_request("pid", why),

@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -181,6 +182,15 @@ pub enum OffCpuError {
 /// Follows `opts.pids` for `opts.duration` (blocking: the caller's thread sleeps through the
 /// capture) and returns their symbolized off-CPU stacks.
 pub fn capture(opts: &OffCpuOptions) -> Result<OffCpuProfile, OffCpuError> {
+    capture_until(opts, &AtomicBool::new(false))
+}
+
+/// [`capture`], ended early (within 100 ms) when `cancel` becomes true, for example because
+/// the client that asked went away; the profile then covers the shorter window.
+pub fn capture_until(
+    opts: &OffCpuOptions,
+    cancel: &AtomicBool,
+) -> Result<OffCpuProfile, OffCpuError> {
     opts.validate().map_err(OffCpuError::Invalid)?;
     for pid in &opts.pids {
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
@@ -243,7 +253,14 @@ pub fn capture(opts: &OffCpuOptions) -> Result<OffCpuProfile, OffCpuError> {
             OffCpuError::Failed(anyhow::Error::new(e).context("attaching to sched_switch"))
         }
     })?;
-    std::thread::sleep(opts.duration);
+    let until = std::time::Instant::now() + opts.duration;
+    while !cancel.load(Ordering::Acquire) {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(100)));
+    }
     // Detach before reading, so that the maps hold still.
     let detached = program.detach(link);
     let ended = monotonic_ns();

@@ -1484,6 +1484,23 @@ fn the_agent_serves_metrics_events_and_health() {
         .collect();
     statuses.sort_unstable();
     assert_eq!(statuses, [200, 409], "two concurrent off-CPU captures");
+    // A client that goes away ends its capture: a 60 s one, abandoned, stops refusing others.
+    let short = format!("/debug/offcpu?pid={me}&seconds=1&format=collapsed");
+    let mut long = TcpStream::connect(addr).expect("connecting to the agent");
+    write!(
+        long,
+        "GET /debug/offcpu?pid={me}&seconds=60 HTTP/1.0\r\nHost: {addr}\r\n\r\n"
+    )
+    .expect("request");
+    poll_until("the 60 s capture to run", Duration::from_secs(10), || {
+        (http_get(addr, &short).0 == 409).then_some(())
+    });
+    drop(long);
+    poll_until(
+        "a capture once the 60 s one was abandoned",
+        Duration::from_secs(10),
+        || (http_get(addr, &short).0 == 200).then_some(()),
+    );
 
     shutdown.trigger();
     runtime
