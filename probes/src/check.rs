@@ -278,6 +278,17 @@ pub fn run(load: bool) -> Report {
         );
     }
 
+    if load && privileged {
+        match crate::offcpu::check() {
+            Ok(()) => push(
+                "offcpu",
+                true,
+                "loads and passes the verifier (tp_btf/sched_switch, attached only during a capture: probes offcpu, GET /debug/offcpu)".into(),
+            ),
+            Err(e) => push("offcpu", false, format!("off-CPU stacks unavailable: {e}")),
+        }
+    }
+
     let can_run = privileged && tracefs.is_some() && any_tracepoint && loaded_any;
     Report {
         checks,

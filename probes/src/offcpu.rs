@@ -197,25 +197,8 @@ pub fn capture_until(
             return Err(OffCpuError::Invalid(format!("no process with pid {pid}")));
         }
     }
-    if !std::path::Path::new(BTF_PATH).is_file() {
-        return Err(OffCpuError::Unavailable(format!(
-            "off-CPU stacks need the kernel's BTF ({BTF_PATH} is missing)"
-        )));
-    }
     let min_ns = opts.min.as_nanos().min(u128::from(u64::MAX)) as u64;
-    let mut ebpf = EbpfLoader::new()
-        .override_global("min_ns", &min_ns, true)
-        .load(OBJECT)
-        .map_err(|e| {
-            if is_permission_error(&e) {
-                OffCpuError::Unavailable(
-                    "not allowed to load eBPF programs: run as root or grant CAP_BPF and CAP_PERFMON"
-                        .into(),
-                )
-            } else {
-                OffCpuError::Failed(anyhow::Error::new(e).context("loading the off-CPU program"))
-            }
-        })?;
+    let mut ebpf = load(min_ns)?;
     let failed = |e: anyhow::Error| OffCpuError::Failed(e);
 
     let mut targets: BpfHashMap<MapData, u32, u8> =
@@ -226,21 +209,7 @@ pub fn capture_until(
             .with_context(|| format!("following pid {pid}"))
             .map_err(failed)?;
     }
-    let btf = Btf::from_sys_fs()
-        .context("reading the kernel's BTF")
-        .map_err(failed)?;
-    let program: &mut BtfTracePoint = ebpf
-        .program_mut("offcpu_switch")
-        .context("program `offcpu_switch` is missing from the object")
-        .map_err(failed)?
-        .try_into()
-        .context("`offcpu_switch` is not a BTF tracepoint program")
-        .map_err(failed)?;
-    program.load("sched_switch", &btf).map_err(|e| {
-        OffCpuError::Failed(anyhow::anyhow!(crate::kernel::shorten_verifier_log(
-            &format!("loading offcpu_switch: {e:#}")
-        )))
-    })?;
+    let program = switch_program(&mut ebpf).map_err(failed)?;
     // Run-time statistics while the capture runs (closed, hence off again, when dropped).
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .inspect_err(|e| tracing::debug!(error = %e, "BPF run-time statistics"))
@@ -317,6 +286,53 @@ pub fn capture_until(
         program_runs,
         program_ns,
     })
+}
+
+/// The object with its program loaded into the kernel (verified), not attached.
+fn load(min_ns: u64) -> Result<aya::Ebpf, OffCpuError> {
+    if !std::path::Path::new(BTF_PATH).is_file() {
+        return Err(OffCpuError::Unavailable(format!(
+            "off-CPU stacks need the kernel's BTF ({BTF_PATH} is missing)"
+        )));
+    }
+    let mut ebpf = EbpfLoader::new()
+        .override_global("min_ns", &min_ns, true)
+        .load(OBJECT)
+        .map_err(|e| {
+            if is_permission_error(&e) {
+                OffCpuError::Unavailable(
+                    "not allowed to load eBPF programs: run as root or grant CAP_BPF and CAP_PERFMON"
+                        .into(),
+                )
+            } else {
+                OffCpuError::Failed(anyhow::Error::new(e).context("loading the off-CPU program"))
+            }
+        })?;
+    let btf = Btf::from_sys_fs()
+        .context("reading the kernel's BTF")
+        .map_err(OffCpuError::Failed)?;
+    switch_program(&mut ebpf)
+        .map_err(OffCpuError::Failed)?
+        .load("sched_switch", &btf)
+        .map_err(|e| {
+            OffCpuError::Failed(anyhow::anyhow!(crate::kernel::shorten_verifier_log(
+                &format!("loading offcpu_switch: {e:#}")
+            )))
+        })?;
+    Ok(ebpf)
+}
+
+fn switch_program(ebpf: &mut aya::Ebpf) -> anyhow::Result<&mut BtfTracePoint> {
+    ebpf.program_mut("offcpu_switch")
+        .context("program `offcpu_switch` is missing from the object")?
+        .try_into()
+        .context("`offcpu_switch` is not a BTF tracepoint program")
+}
+
+/// For `probes check`: loads the program into the kernel (the verifier's verdict) without
+/// attaching it.
+pub fn check() -> Result<(), OffCpuError> {
+    load(DEFAULT_MIN.as_nanos() as u64).map(drop)
 }
 
 fn take<T>(ebpf: &mut aya::Ebpf, name: &str) -> anyhow::Result<T>

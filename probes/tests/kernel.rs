@@ -1682,6 +1682,7 @@ fn check_reports_every_tracepoint() {
         "tracepoint block:block_rq_complete",
         "tracepoint oom:mark_victim",
         "probe runqueue",
+        "offcpu",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
