@@ -28,27 +28,13 @@ pub async fn capture(
     if let Ok(token) = std::fs::read_to_string(stack.state.root.join("debug-token")) {
         req = req.bearer_auth(token.trim());
     }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| format!("profiling {c}: {e}"))?;
-    if !resp.status().is_success() {
-        return Err(format!(
-            "profiling {c}: {} {}",
-            resp.status(),
-            resp.text().await.unwrap_or_default()
-        ));
-    }
-    let body = resp
-        .text()
-        .await
-        .map_err(|e| format!("profiling {c}: {e}"))?;
-    if body.trim().is_empty() {
-        return Err(format!("profiling {c}: the profile is empty (no samples)"));
-    }
-    let path = prefix.with_extension("folded");
-    std::fs::write(&path, body).map_err(|e| format!("writing {}: {e}", path.display()))?;
-    Ok(path)
+    fetch_folded(
+        req,
+        &format!("profiling {c}"),
+        "the profile is empty (no samples)",
+        &prefix.with_extension("folded"),
+    )
+    .await
 }
 
 /// Fetches `secs` seconds of `c`'s off-CPU stacks from the lab's eBPF agent as folded stacks
@@ -63,31 +49,41 @@ pub async fn capture_offcpu(
         .url(Component::Probes)
         .map_err(|_| "off-CPU stacks: the lab runs no eBPF agent (it needs root)".to_string())?;
     let secs = secs.round().max(1.0) as u64;
-    let resp = reqwest::Client::new()
+    let req = reqwest::Client::new()
         .get(format!(
             "{agent}/debug/offcpu?component={c}&seconds={secs}&format=collapsed"
         ))
-        .timeout(Duration::from_secs(secs + 60))
-        .send()
-        .await
-        .map_err(|e| format!("off-CPU stacks of {c}: {e}"))?;
+        .timeout(Duration::from_secs(secs + 60));
+    fetch_folded(
+        req,
+        &format!("off-CPU stacks of {c}"),
+        "no thread switched",
+        &prefix.with_extension("offcpu.folded"),
+    )
+    .await
+}
+
+/// Sends `req` and writes its folded-stacks answer to `path`; errors start with `what`.
+async fn fetch_folded(
+    req: reqwest::RequestBuilder,
+    what: &str,
+    if_empty: &str,
+    path: &Path,
+) -> Result<PathBuf, String> {
+    let resp = req.send().await.map_err(|e| format!("{what}: {e}"))?;
     if !resp.status().is_success() {
         return Err(format!(
-            "off-CPU stacks of {c}: {} {}",
+            "{what}: {} {}",
             resp.status(),
             resp.text().await.unwrap_or_default().trim()
         ));
     }
-    let body = resp
-        .text()
-        .await
-        .map_err(|e| format!("off-CPU stacks of {c}: {e}"))?;
+    let body = resp.text().await.map_err(|e| format!("{what}: {e}"))?;
     if body.trim().is_empty() {
-        return Err(format!("off-CPU stacks of {c}: no thread switched"));
+        return Err(format!("{what}: {if_empty}"));
     }
-    let path = prefix.with_extension("offcpu.folded");
-    std::fs::write(&path, body).map_err(|e| format!("writing {}: {e}", path.display()))?;
-    Ok(path)
+    std::fs::write(path, body).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(path.to_owned())
 }
 
 fn render(folded: &Path, title: &str, svg: &Path) -> Result<(), String> {

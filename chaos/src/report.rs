@@ -107,6 +107,23 @@ pub struct Profiles {
     pub note: Option<String>,
 }
 
+impl Profiles {
+    /// (what, file) of every flamegraph that was drawn.
+    pub fn files(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("CPU, baseline", &self.baseline_svg),
+            ("CPU, during the fault", &self.fault_svg),
+            ("CPU, differential", &self.differential_svg),
+            ("off-CPU, baseline", &self.offcpu_baseline_svg),
+            ("off-CPU, during the fault", &self.offcpu_fault_svg),
+            ("off-CPU, differential", &self.offcpu_differential_svg),
+        ]
+        .into_iter()
+        .filter_map(|(what, f)| Some((what, f.as_deref()?)))
+        .collect()
+    }
+}
+
 /// `report.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -324,17 +341,8 @@ impl Report {
         }
         if let Some(p) = &self.profiles {
             let _ = writeln!(s, "\n## Profiles of {}\n", p.component);
-            for (n, f) in [
-                ("CPU, baseline", &p.baseline_svg),
-                ("CPU, during the fault", &p.fault_svg),
-                ("CPU, differential", &p.differential_svg),
-                ("off-CPU, baseline", &p.offcpu_baseline_svg),
-                ("off-CPU, during the fault", &p.offcpu_fault_svg),
-                ("off-CPU, differential", &p.offcpu_differential_svg),
-            ] {
-                if let Some(f) = f {
-                    let _ = writeln!(s, "- {n}: [{f}]({f})");
-                }
+            for (n, f) in p.files() {
+                let _ = writeln!(s, "- {n}: [{f}]({f})");
             }
             if let Some(n) = &p.note {
                 let _ = writeln!(s, "- {n}");
@@ -425,20 +433,11 @@ impl Report {
             }
         }
         if let Some(p) = &self.profiles {
-            let links: Vec<String> = [
-                ("CPU before", &p.baseline_svg),
-                ("CPU during the fault", &p.fault_svg),
-                ("CPU differential", &p.differential_svg),
-                ("off-CPU before", &p.offcpu_baseline_svg),
-                ("off-CPU during the fault", &p.offcpu_fault_svg),
-                ("off-CPU differential", &p.offcpu_differential_svg),
-            ]
-            .iter()
-            .filter_map(|(n, f)| {
-                f.as_ref()
-                    .map(|f| format!("{}: <code>{}</code>", esc(n), esc(f)))
-            })
-            .collect();
+            let links: Vec<String> = p
+                .files()
+                .iter()
+                .map(|(n, f)| format!("{}: <code>{}</code>", esc(n), esc(f)))
+                .collect();
             // Named, not linked: the report stays self-contained; the files sit next to it.
             let _ = write!(
                 h,

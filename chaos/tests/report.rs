@@ -174,7 +174,7 @@ fn reports_render_self_contained_and_validate_against_the_schema() {
         "the failed audit check is a failure"
     );
     assert!(
-        html.contains("off-CPU during the fault: <code>offcpu-fault.svg</code>"),
+        html.contains("off-CPU, during the fault: <code>offcpu-fault.svg</code>"),
         "the flamegraphs are named in report.html"
     );
     let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();

@@ -182,7 +182,8 @@ impl std::fmt::Debug for Kernel {
     }
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
+/// Takes map `name` out of a loaded object as its typed wrapper.
+pub(crate) fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {

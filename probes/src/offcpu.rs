@@ -26,7 +26,7 @@ use blazesym::symbolize::{Input, Symbolized, Symbolizer};
 use blazesym::{MaybeDefault, Pid};
 use kit::debug::Stack;
 
-use crate::kernel::{BTF_PATH, is_permission_error};
+use crate::kernel::{BTF_PATH, is_permission_error, take};
 use crate::wire::{
     self, OFFCPU_NO_STACK, OffCpuKey, OffCpuKeyBytes, OffCpuStartBytes, OffCpuValBytes,
 };
@@ -333,16 +333,6 @@ fn switch_program(ebpf: &mut aya::Ebpf) -> anyhow::Result<&mut BtfTracePoint> {
 /// attaching it.
 pub fn check() -> Result<(), OffCpuError> {
     load(DEFAULT_MIN.as_nanos() as u64).map(drop)
-}
-
-fn take<T>(ebpf: &mut aya::Ebpf, name: &str) -> anyhow::Result<T>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf
-        .take_map(name)
-        .with_context(|| format!("map `{name}` is missing from the off-CPU object"))?;
-    T::try_from(map).with_context(|| format!("opening map `{name}`"))
 }
 
 fn monotonic_ns() -> u64 {

@@ -11,6 +11,33 @@ use axum::response::{IntoResponse, Response};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+/// A titled list of flamegraphs (`<service><suffix>`), each with a link to its companion file
+/// (`(label, <service><companion suffix>)`); nothing when `svgs` is empty.
+fn flamegraph_list(
+    html: &mut String,
+    title: &str,
+    svgs: &[&String],
+    suffix: &str,
+    (label, companion): (&str, &str),
+) {
+    if svgs.is_empty() {
+        return;
+    }
+    let _ = writeln!(html, "<h2>{}</h2><ul>", esc(title));
+    for svg in svgs {
+        let service = svg.trim_end_matches(suffix);
+        let _ = writeln!(
+            html,
+            "<li><a href=\"{s}\">{svc}</a> (<a href=\"{svc}{companion}\">{label}</a>)</li>",
+            s = esc(svg),
+            svc = esc(service),
+            companion = esc(companion),
+            label = esc(label)
+        );
+    }
+    let _ = writeln!(html, "</ul>");
+}
+
 /// Writes `<dir>/index.html` and returns its path.
 pub fn write_index(dir: &Path) -> anyhow::Result<PathBuf> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -90,36 +117,24 @@ object {{ width: 100%; border: 1px solid #ddd; }}
         let _ = writeln!(html, ")</li>");
     }
     let _ = writeln!(html, "</ul>");
-    if !heap.is_empty() {
-        let _ = writeln!(html, "<h2>Heap flamegraphs (jemalloc, in use)</h2><ul>");
-        for svg in &heap {
-            let service = svg.trim_end_matches(".heap.svg");
-            let _ = writeln!(
-                html,
-                "<li><a href=\"{s}\">{svc}</a> (<a href=\"{svc}.heap.pb.gz\">pprof</a>)</li>",
-                s = esc(svg),
-                svc = esc(service)
-            );
-        }
-        let _ = writeln!(html, "</ul>");
-    }
+    flamegraph_list(
+        &mut html,
+        "Heap flamegraphs (jemalloc, in use)",
+        &heap,
+        ".heap.svg",
+        ("pprof", ".heap.pb.gz"),
+    );
+    flamegraph_list(
+        &mut html,
+        "Off-CPU flamegraphs (eBPF: where the threads waited)",
+        &off_cpu,
+        ".offcpu.svg",
+        ("collapsed", ".offcpu.collapsed"),
+    );
     if !off_cpu.is_empty() {
         let _ = writeln!(
             html,
-            "<h2>Off-CPU flamegraphs (eBPF: where the threads waited)</h2><ul>"
-        );
-        for svg in &off_cpu {
-            let service = svg.trim_end_matches(".offcpu.svg");
-            let _ = writeln!(
-                html,
-                "<li><a href=\"{s}\">{svc}</a> (<a href=\"{svc}.offcpu.collapsed\">collapsed</a>)</li>",
-                s = esc(svg),
-                svc = esc(service)
-            );
-        }
-        let _ = writeln!(
-            html,
-            "</ul><p class=\"note\">Off-CPU: width = thread time spent off the CPU during the window, by the user stack under the kernel stack (<code>_[k]</code>) where the thread stopped. Idle runtime workers (parked in <code>epoll_wait</code> or a futex) are most of it in a lightly loaded service; blocking calls (fdatasync), lock waits and preemption (<code>exit_to_user_mode_loop</code>) are the rest. An async task waiting for PostgreSQL blocks no thread and is not here.</p>"
+            "<p class=\"note\">Off-CPU: width = thread time spent off the CPU during the window, by the user stack under the kernel stack (<code>_[k]</code>) where the thread stopped. Idle runtime workers (parked in <code>epoll_wait</code> or a futex) are most of it in a lightly loaded service; blocking calls (fdatasync), lock waits and preemption (<code>exit_to_user_mode_loop</code>) are the rest. An async task waiting for PostgreSQL blocks no thread and is not here.</p>"
         );
     }
     let metrics: Vec<&String> = names
