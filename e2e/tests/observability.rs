@@ -1232,6 +1232,12 @@ fn profile_all(profiler: &Path, state: &Path, with_probes: bool) {
             "{name}: no runtime worker parked in epoll_wait among {} off-CPU stacks",
             folded.lines().count()
         );
+        let pb = std::fs::read(dir.join(o["pprof"].as_str().unwrap_or_default()))
+            .expect("off-CPU pprof profile");
+        assert!(
+            pb.starts_with(&[0x1f, 0x8b]),
+            "{name}: the off-CPU profile is not gzipped"
+        );
         let svg = std::fs::read_to_string(dir.join(o["svg"].as_str().unwrap_or_default()))
             .expect("off-CPU flamegraph");
         assert!(

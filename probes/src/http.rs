@@ -166,10 +166,10 @@ async fn offcpu_handler(State(s): State<OffCpuState>, Query(q): Query<OffCpuQuer
         Err(e) => return bad_request("min_us", e),
     };
     let format = q.format.as_deref().unwrap_or("svg");
-    if !matches!(format, "svg" | "collapsed" | "json") {
+    if !matches!(format, "svg" | "collapsed" | "json" | "pprof") {
         return bad_request(
             "format",
-            format!("format must be svg, collapsed or json, got {format:?}"),
+            format!("format must be svg, collapsed, json or pprof, got {format:?}"),
         );
     }
     let (pids, what) = match (&q.component, &q.pid) {
@@ -295,6 +295,17 @@ async fn offcpu_handler(State(s): State<OffCpuState>, Query(q): Query<OffCpuQuer
             body["components"] = components.into();
             ([header], axum::Json(body)).into_response()
         }
+        "pprof" => (
+            [
+                (
+                    header::CONTENT_TYPE.as_str().to_string(),
+                    "application/octet-stream".to_string(),
+                ),
+                (header.0.to_string(), header.1),
+            ],
+            profile.pprof(),
+        )
+            .into_response(),
         "collapsed" => (
             [
                 (

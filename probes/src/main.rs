@@ -55,7 +55,8 @@ struct OffCpuArgs {
     /// Shortest wait counted, in microseconds.
     #[arg(long, default_value_t = 1)]
     min_us: u64,
-    /// svg (a flamegraph), collapsed (folded stacks) or json.
+    /// svg (a flamegraph), collapsed (folded stacks), json, or pprof (gzipped protobuf for
+    /// `go tool pprof`).
     #[arg(long, value_enum, default_value_t = OffCpuFormat::Svg)]
     format: OffCpuFormat,
     /// Where to write it (default: standard output).
@@ -68,6 +69,7 @@ enum OffCpuFormat {
     Svg,
     Collapsed,
     Json,
+    Pprof,
 }
 
 #[derive(Debug, Default, clap::Args)]
@@ -168,6 +170,7 @@ fn offcpu(o: &OffCpuArgs) -> i32 {
     let pids: Vec<String> = o.pids.iter().map(u32::to_string).collect();
     let body = match o.format {
         OffCpuFormat::Collapsed => Ok(profile.collapsed().into_bytes()),
+        OffCpuFormat::Pprof => Ok(profile.pprof()),
         OffCpuFormat::Json => serde_json::to_vec_pretty(&profile).map_err(anyhow::Error::from),
         OffCpuFormat::Svg => profile.svg(&format!(
             "Off-CPU time of pid {} ({} s)",

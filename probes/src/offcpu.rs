@@ -159,6 +159,31 @@ impl OffCpuProfile {
     pub fn svg(&self, title: &str) -> anyhow::Result<Vec<u8>> {
         svg(&self.kit_stacks(None), title)
     }
+
+    /// Gzipped pprof protobuf (`go tool pprof` opens it), sample type `off_cpu` in
+    /// nanoseconds.
+    pub fn pprof(&self) -> Vec<u8> {
+        pprof(
+            &self.kit_stacks(None),
+            Duration::from_secs_f64(self.seconds),
+        )
+    }
+}
+
+/// A gzipped pprof protobuf of off-CPU `stacks` weighted in microseconds.
+pub fn pprof(stacks: &[Stack], duration: Duration) -> Vec<u8> {
+    let ns: Vec<Stack> = stacks
+        .iter()
+        .map(|s| Stack {
+            value: s.value.saturating_mul(1000),
+            ..s.clone()
+        })
+        .collect();
+    kit::debug::encode_pprof(&kit::debug::profile_of_stacks(
+        &ns,
+        ("off_cpu", "nanoseconds"),
+        duration,
+    ))
 }
 
 /// An off-CPU flamegraph of `stacks` (weights in microseconds).

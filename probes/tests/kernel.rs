@@ -1619,6 +1619,20 @@ fn offcpu_stacks_name_where_threads_waited_and_for_how_long() {
         napper.frames
     );
     assert!(folded.contains("offcpu-napper;"), "{folded}");
+    // The pprof form holds the same stacks, in nanoseconds.
+    let decoded = kit::debug::decode_pprof(&profile.pprof()).expect("the pprof form decodes");
+    let mut from_pprof = kit::debug::stacks(&decoded, 0);
+    let mut want: Vec<kit::debug::Stack> = profile
+        .kit_stacks(None)
+        .into_iter()
+        .map(|s| kit::debug::Stack {
+            value: s.value * 1000,
+            ..s
+        })
+        .collect();
+    from_pprof.sort_by(|a, b| (&a.thread, &a.frames).cmp(&(&b.thread, &b.frames)));
+    want.sort_by(|a, b| (&a.thread, &a.frames).cmp(&(&b.thread, &b.frames)));
+    assert_eq!(from_pprof, want);
     // Run-time statistics were on for the capture: the program ran on the host's switches.
     assert!(
         profile.program_runs.is_some_and(|r| r > 0) && profile.program_ns.is_some_and(|n| n > 0),

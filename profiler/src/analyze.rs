@@ -507,10 +507,9 @@ pub fn find_profiles(path: &Path) -> anyhow::Result<Vec<ProfileFile>> {
             .and_then(|n| n.to_str())
             .unwrap_or_default()
             .to_string();
-        let cpu = (name.ends_with(".pb.gz") && !name.ends_with(".heap.pb.gz"))
-            || (name.ends_with(".collapsed")
-                && !name.ends_with(".heap.collapsed")
-                && !name.ends_with(".offcpu.collapsed"));
+        // Heap and off-CPU profiles sit next to the CPU ones; they are not CPU samples.
+        let other = [".heap.", ".offcpu."].iter().any(|k| name.contains(k));
+        let cpu = !other && (name.ends_with(".pb.gz") || name.ends_with(".collapsed"));
         if cpu {
             out.push(ProfileFile {
                 service: service_of(&p),
@@ -807,5 +806,27 @@ mod tests {
             service_of(Path::new("persistence.heap.pb.gz")),
             "persistence"
         );
+    }
+
+    #[test]
+    fn only_cpu_profiles_are_analyzed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in [
+            "order-gateway.offcpu.pb.gz",
+            "order-gateway.offcpu.collapsed",
+            "order-gateway.heap.pb.gz",
+            "order-gateway.pb.gz",
+            "order-gateway.collapsed",
+            "persistence.offcpu.collapsed",
+            "persistence.collapsed",
+        ] {
+            std::fs::write(dir.path().join(f), "").expect("write");
+        }
+        let found: Vec<String> = find_profiles(dir.path())
+            .expect("profiles")
+            .iter()
+            .map(|p| p.path.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(found, ["order-gateway.pb.gz", "persistence.collapsed"]);
     }
 }

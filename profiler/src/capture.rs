@@ -5,7 +5,7 @@
 //! `<service>.svg` (its flamegraph) and `<service>.collapsed` (folded stacks), all from that one
 //! profile. `all` adds `<service>.heap.pb.gz` and `<service>.heap.svg` (jemalloc in-use heap),
 //! `<service>.metrics.txt` (a `/metrics` snapshot) and, when the lab runs the eBPF agent,
-//! `<service>.offcpu.svg` and `<service>.offcpu.collapsed` (where its threads waited, recorded
+//! `<service>.offcpu.svg`, `.offcpu.collapsed` and `.offcpu.pb.gz` (where its threads waited, recorded
 //! by the agent during the same window as the CPU profile). `manifest.json` records what was asked, what
 //! was captured and what failed, and the load generator's summary; `load.json` is that summary.
 
@@ -427,7 +427,22 @@ async fn offcpu_all(
         let total_us: i64 = st.iter().map(|x| x.value).sum();
         let svg = format!("{}.offcpu.svg", s.name);
         let folded = format!("{}.offcpu.collapsed", s.name);
+        let pb = format!("{}.offcpu.pb.gz", s.name);
         write(&dir.join(&folded), collapsed(&st, true).as_bytes())?;
+        // For `go tool pprof`: the same stacks in nanoseconds.
+        let in_ns: Vec<kit::debug::Stack> = st
+            .iter()
+            .map(|x| kit::debug::Stack {
+                value: x.value.saturating_mul(1000),
+                ..x.clone()
+            })
+            .collect();
+        let off_cpu_profile = kit::debug::profile_of_stacks(
+            &in_ns,
+            ("off_cpu", "nanoseconds"),
+            Duration::from_secs(opts.seconds),
+        );
+        write(&dir.join(&pb), &kit::debug::encode_pprof(&off_cpu_profile))?;
         let title = format!(
             "{}: off-CPU time by where its threads waited, {} s ({:.1} thread-seconds)",
             s.name,
@@ -443,6 +458,7 @@ async fn offcpu_all(
             json!({
                 "svg": svg,
                 "collapsed": folded,
+                "pprof": pb,
                 "off_cpu_seconds": total_us as f64 / 1e6,
                 "stacks": st.len(),
                 "partial": profile.lost + profile.unwalkable > 0,

@@ -1197,6 +1197,92 @@ pub fn decode_pprof(bytes: &[u8]) -> Result<Profile, String> {
     Profile::decode(data).map_err(|e| format!("not a pprof protobuf: {e}"))
 }
 
+/// A pprof profile of already-named stacks (root first), one sample per stack with its
+/// `thread` label and its value in `unit` of `value_type` (the off-CPU profiles of the probes
+/// agent: `("off_cpu", "nanoseconds")`). Frames become one function and one location each, by
+/// name; [`stacks`] reads the stacks back unchanged.
+pub fn profile_of_stacks(
+    stacks: &[Stack],
+    (value_type, unit): (&str, &str),
+    duration: std::time::Duration,
+) -> Profile {
+    use pprof::protos::{Function, Label, Line, Location, Sample, ValueType};
+    let mut strings: Vec<String> = vec![String::new()];
+    let mut string_ids: HashMap<String, i64> = HashMap::new();
+    let mut intern = |s: &str| -> i64 {
+        *string_ids.entry(s.to_string()).or_insert_with(|| {
+            strings.push(s.to_string());
+            strings.len() as i64 - 1
+        })
+    };
+    let thread_key = intern("thread");
+    let mut location_of: HashMap<&str, u64> = HashMap::new();
+    let mut functions = Vec::new();
+    let mut locations = Vec::new();
+    let mut samples = Vec::with_capacity(stacks.len());
+    for st in stacks {
+        let mut location_id = Vec::with_capacity(st.frames.len());
+        for frame in st.frames.iter().rev() {
+            let id = *location_of.entry(frame.as_str()).or_insert_with(|| {
+                let id = locations.len() as u64 + 1;
+                let name = intern(frame);
+                functions.push(Function {
+                    id,
+                    name,
+                    system_name: name,
+                    ..Function::default()
+                });
+                locations.push(Location {
+                    id,
+                    line: vec![Line {
+                        function_id: id,
+                        line: 0,
+                    }],
+                    ..Location::default()
+                });
+                id
+            });
+            location_id.push(id);
+        }
+        if location_id.is_empty() {
+            continue;
+        }
+        let label = st
+            .thread
+            .as_deref()
+            .map(|t| Label {
+                key: thread_key,
+                str: intern(t),
+                ..Label::default()
+            })
+            .into_iter()
+            .collect();
+        samples.push(Sample {
+            location_id,
+            value: vec![st.value],
+            label,
+        });
+    }
+    let ty = ValueType {
+        ty: intern(value_type),
+        unit: intern(unit),
+    };
+    Profile {
+        sample_type: vec![ty.clone()],
+        sample: samples,
+        location: locations,
+        function: functions,
+        time_nanos: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64),
+        duration_nanos: duration.as_nanos().min(i64::MAX as u128) as i64,
+        period_type: Some(ty),
+        period: 1,
+        string_table: strings,
+        ..Profile::default()
+    }
+}
+
 /// One distinct stack of a profile and its weight.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stack {
@@ -1334,6 +1420,34 @@ fn empty_svg(title: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn named_stacks_survive_a_pprof_round_trip() {
+        let stack = |thread: &str, frames: &[&str], value: i64| Stack {
+            frames: frames.iter().map(|f| f.to_string()).collect(),
+            thread: Some(thread.to_string()),
+            value,
+        };
+        let input = vec![
+            stack("matcher", &["main", "journal::sync", "do_fsync_[k]"], 4_000),
+            stack("tokio-rt-worker", &["main", "park", "epoll_wait"], 9_000),
+            stack("matcher", &["main", "park", "futex_wait_[k]"], 1_000),
+        ];
+        let profile = profile_of_stacks(&input, ("off_cpu", "nanoseconds"), Duration::from_secs(2));
+        let bytes = encode_pprof(&profile);
+        let back = decode_pprof(&bytes).expect("decodes");
+        assert_eq!(back.duration_nanos, 2_000_000_000);
+        let ty = &back.sample_type[0];
+        assert_eq!(back.string_table[ty.ty as usize], "off_cpu");
+        assert_eq!(back.string_table[ty.unit as usize], "nanoseconds");
+        let mut got = stacks(&back, 0);
+        let mut want = input;
+        got.sort_by(|a, b| a.frames.cmp(&b.frames));
+        want.sort_by(|a, b| a.frames.cmp(&b.frames));
+        assert_eq!(got, want);
+        // Shared frames are one function each.
+        assert_eq!(back.function.len(), 6);
+    }
     use axum::body::Body;
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     use std::sync::atomic::AtomicU64;
