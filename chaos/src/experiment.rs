@@ -38,6 +38,7 @@
 //! [evidence]
 //! probes = true                     # kernel evidence from the eBPF agent, when it runs
 //! profile = "matching-engine"       # CPU profile before vs during the fault
+//! offcpu = "matching-engine"        # off-CPU stacks (eBPF) before vs during; default: `profile`
 //! capacity = true                   # full runs: capacity search before and during the fault
 //! ```
 
@@ -129,6 +130,12 @@ pub struct Evidence {
     /// A component to CPU-profile during the baseline and during the fault.
     #[serde(default)]
     pub profile: Option<String>,
+    /// A component whose off-CPU stacks the eBPF agent records during the baseline and during
+    /// the fault (needs `probes`); unset: the `profile` component. Unlike a CPU profile, this
+    /// costs the component nothing (the work is in the kernel and the agent), so it suits a
+    /// component whose CPU the fault takes away.
+    #[serde(default)]
+    pub offcpu: Option<String>,
     /// Full runs only: search the highest sustainable rate (`loadgen capacity`) before the
     /// fault and while it holds, to show the headroom the fault takes away.
     #[serde(default)]
@@ -419,6 +426,20 @@ impl Experiment {
             p.parse::<Component>()
                 .map_err(|_| anyhow::anyhow!("evidence.profile: unknown component {p:?}"))?;
         }
+        if let Some(o) = &self.evidence.offcpu {
+            o.parse::<Component>()
+                .map_err(|_| anyhow::anyhow!("evidence.offcpu: unknown component {o:?}"))?;
+            anyhow::ensure!(
+                self.evidence.probes,
+                "evidence.offcpu needs evidence.probes = true (the eBPF agent records it)"
+            );
+            if let Some(p) = &self.evidence.profile {
+                anyhow::ensure!(
+                    p == o,
+                    "evidence.offcpu ({o}) and evidence.profile ({p}) must name the same component"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -515,5 +536,28 @@ mod tests {
         let e = Experiment::parse(&format!("{base}\nsurprise = 1\n")).unwrap_err();
         assert!(e.to_string().contains("surprise"), "{e}");
         assert!(find("no-such-experiment").is_err());
+    }
+
+    #[test]
+    fn offcpu_evidence_needs_the_probes_and_the_profiled_component() {
+        let throttle = BUILT_IN
+            .iter()
+            .find(|(n, _)| *n == "cpu-throttle")
+            .expect("cpu-throttle")
+            .1;
+        let e = Experiment::parse(throttle).expect("parses");
+        assert_eq!(e.evidence.offcpu.as_deref(), Some("matching-engine"));
+        let no_probes = throttle.replace("probes = true", "probes = false");
+        let err = Experiment::parse(&no_probes).unwrap_err();
+        assert!(err.to_string().contains("evidence.probes"), "{err}");
+        let other = throttle.replace(
+            "offcpu = \"matching-engine\"",
+            "offcpu = \"matching-engine\"\nprofile = \"order-gateway\"",
+        );
+        let err = Experiment::parse(&other).unwrap_err();
+        assert!(err.to_string().contains("same component"), "{err}");
+        let unknown = throttle.replace("offcpu = \"matching-engine\"", "offcpu = \"engin\"");
+        let err = Experiment::parse(&unknown).unwrap_err();
+        assert!(err.to_string().contains("engin"), "{err}");
     }
 }

@@ -277,26 +277,34 @@ pub async fn run(
             let _ = stop_monitor_rx.wait_for(|s| *s).await;
         },
     ));
-    let profile_target = exp
+    let cpu_target = exp
         .evidence
         .profile
         .as_ref()
         .and_then(|p| p.parse::<Component>().ok());
+    // Off-CPU stacks (eBPF agent) over the same windows: the named component, else the
+    // profiled one, when the experiment asks for kernel evidence.
+    let offcpu_target = exp
+        .evidence
+        .offcpu
+        .as_ref()
+        .and_then(|p| p.parse::<Component>().ok())
+        .or(cpu_target)
+        .filter(|_| exp.evidence.probes);
+    let profile_target = cpu_target.or(offcpu_target);
     let profile_secs = (timing.baseline_s - 2.0)
         .min(timing.hold_s - 2.0)
         .clamp(1.0, 10.0);
-    // Off-CPU stacks over the same windows, when the experiment asks for kernel evidence.
-    let off_cpu_wanted = exp.evidence.probes;
     let spawn_profiles = |c: Component, phase: &'static str| {
-        let (stack, dir) = (stack.clone(), dir.clone());
-        let cpu = tokio::spawn({
+        let cpu = cpu_target.map(|_| {
             let (stack, dir) = (stack.clone(), dir.clone());
-            async move {
+            tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 crate::profile::capture(&stack, c, profile_secs, &dir.join(phase)).await
-            }
+            })
         });
-        let off_cpu = off_cpu_wanted.then(|| {
+        let off_cpu = offcpu_target.map(|_| {
+            let (stack, dir) = (stack.clone(), dir.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 crate::profile::capture_offcpu(&stack, c, profile_secs, &dir.join(phase)).await
@@ -471,27 +479,20 @@ pub async fn run(
         report.capacity_during = task.await.ok().and_then(Result::ok);
     }
     let profiles = match (baseline_profile, fault_profile, profile_target) {
-        (Some((base_cpu, base_off)), f, Some(c)) => {
-            let base = base_cpu.await.ok();
-            let (fault, fault_off) = match f {
-                Some((cpu, off)) => (cpu.await.ok(), off),
-                None => (None, None),
+        (Some((base_cpu, base_off)), fault, Some(c)) => {
+            let (fault_cpu, fault_off) = fault.unzip();
+            let (fault_cpu, fault_off) = (fault_cpu.flatten(), fault_off.flatten());
+            let off_cpu = match offcpu_target {
+                Some(_) => Some((joined(base_off).await, joined(fault_off).await)),
+                None => None,
             };
-            let off_cpu = match (base_off, fault_off) {
-                (None, None) => None,
-                (b, f) => {
-                    let b = match b {
-                        Some(t) => t.await.ok(),
-                        None => None,
-                    };
-                    let f = match f {
-                        Some(t) => t.await.ok(),
-                        None => None,
-                    };
-                    Some((b, f))
-                }
-            };
-            Some(crate::profile::assemble(&dir, c, base, fault, off_cpu))
+            Some(crate::profile::assemble(
+                &dir,
+                c,
+                joined(base_cpu).await,
+                joined(fault_cpu).await,
+                off_cpu,
+            ))
         }
         _ => None,
     };
@@ -788,4 +789,14 @@ pub fn rerender(dir: &Path) -> anyhow::Result<Report> {
     let r = Report::read(dir)?;
     r.write(dir)?;
     Ok(r)
+}
+
+/// The result of a profile capture task, if one was started and did not panic.
+async fn joined(
+    task: Option<tokio::task::JoinHandle<Result<std::path::PathBuf, String>>>,
+) -> crate::profile::Captured {
+    match task {
+        Some(t) => t.await.ok(),
+        None => None,
+    }
 }
