@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
@@ -277,7 +277,17 @@ async fn offcpu_handler(State(s): State<OffCpuState>, Query(q): Query<OffCpuQuer
             |n| format!("{:.3}", n as f64 / 1e6)
         ),
     );
-    let header = ("x-offcpu-summary", summary);
+    // Every answer carries the totals in a header.
+    let answer = |content_type: &'static str, body: Vec<u8>| {
+        (
+            [
+                (header::CONTENT_TYPE, content_type.to_string()),
+                (HeaderName::from_static("x-offcpu-summary"), summary.clone()),
+            ],
+            body,
+        )
+            .into_response()
+    };
     match format {
         "json" => {
             // Which component each process belongs to, for clients that split the profile.
@@ -286,49 +296,22 @@ async fn offcpu_handler(State(s): State<OffCpuState>, Query(q): Query<OffCpuQuer
                 .iter()
                 .filter_map(|p| Some((p.to_string(), s.agent.component_of_pid(*p)?.into())))
                 .collect();
-            let mut body = match serde_json::to_value(&profile) {
-                Ok(v) => v,
-                Err(e) => {
-                    return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response();
-                }
-            };
-            body["components"] = components.into();
-            ([header], axum::Json(body)).into_response()
+            let body = serde_json::to_value(&profile).and_then(|mut v| {
+                v["components"] = components.into();
+                serde_json::to_vec(&v)
+            });
+            match body {
+                Ok(b) => answer("application/json", b),
+                Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+            }
         }
-        "pprof" => (
-            [
-                (
-                    header::CONTENT_TYPE.as_str().to_string(),
-                    "application/octet-stream".to_string(),
-                ),
-                (header.0.to_string(), header.1),
-            ],
-            profile.pprof(),
-        )
-            .into_response(),
-        "collapsed" => (
-            [
-                (
-                    header::CONTENT_TYPE.as_str().to_string(),
-                    "text/plain; charset=utf-8".to_string(),
-                ),
-                (header.0.to_string(), header.1),
-            ],
-            profile.collapsed(),
-        )
-            .into_response(),
+        "pprof" => answer("application/octet-stream", profile.pprof()),
+        "collapsed" => answer(
+            "text/plain; charset=utf-8",
+            profile.collapsed().into_bytes(),
+        ),
         _ => match profile.svg(&format!("Off-CPU time: {what} ({seconds} s)")) {
-            Ok(svg) => (
-                [
-                    (
-                        header::CONTENT_TYPE.as_str().to_string(),
-                        "image/svg+xml".to_string(),
-                    ),
-                    (header.0.to_string(), header.1),
-                ],
-                svg,
-            )
-                .into_response(),
+            Ok(svg) => answer("image/svg+xml", svg),
             Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
         },
     }
