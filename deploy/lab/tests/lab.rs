@@ -571,9 +571,16 @@ async fn a_picked_port_taken_meanwhile_is_replaced() {
         return;
     }
     let tmp = temp_root("repick");
-    let config = LabConfig::ephemeral(tmp.path(), [Component::Prometheus]).expect("ports");
-    let picked = config.ports.primary(Component::Prometheus).expect("port");
-    let _thief = std::net::TcpListener::bind(("127.0.0.1", picked)).expect("take the port");
+    // Tests of this binary run in parallel and pick free ports too: one may take the port
+    // picked here before this test does. Pick again then (bounded).
+    let (config, picked, _thief) = (0..20)
+        .find_map(|_| {
+            let config = LabConfig::ephemeral(tmp.path(), [Component::Prometheus]).expect("ports");
+            let picked = config.ports.primary(Component::Prometheus).expect("port");
+            let thief = std::net::TcpListener::bind(("127.0.0.1", picked)).ok()?;
+            Some((config, picked, thief))
+        })
+        .expect("a picked port this test can take itself, in 20 tries");
     let lab = Lab::start(config).await.expect("starts on another port");
     let used = lab
         .config()
