@@ -127,14 +127,12 @@ pub struct OffCpuProfile {
 pub const SCHEMA: &str = "probes.offcpu/1";
 
 impl OffCpuProfile {
-    /// The stacks of process `pid` (all when `None`) as kit stacks, with the thread name as
-    /// the root frame and, when the profile covers several processes and `pid` is `None`,
-    /// `pid N` below it.
-    pub fn kit_stacks(&self, pid: Option<u32>) -> Vec<Stack> {
-        let several = pid.is_none() && self.pids.len() > 1;
+    /// The stacks as kit stacks (microseconds), with the thread name as the root frame and,
+    /// when the profile covers several processes, `pid N` below it.
+    pub fn kit_stacks(&self) -> Vec<Stack> {
+        let several = self.pids.len() > 1;
         self.stacks
             .iter()
-            .filter(|s| pid.is_none_or(|p| s.pid == p))
             .map(|s| {
                 let mut frames = Vec::with_capacity(s.frames.len() + 1);
                 if several {
@@ -152,43 +150,19 @@ impl OffCpuProfile {
 
     /// Folded stacks (`thread;root;...;leaf microseconds`), for inferno and speedscope.
     pub fn collapsed(&self) -> String {
-        kit::debug::collapsed(&self.kit_stacks(None), true)
+        kit::debug::collapsed(&self.kit_stacks(), true)
     }
 
     /// The flamegraph as SVG.
     pub fn svg(&self, title: &str) -> anyhow::Result<Vec<u8>> {
-        svg(&self.kit_stacks(None), title)
+        kit::debug::off_cpu_svg(&self.kit_stacks(), title).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// Gzipped pprof protobuf (`go tool pprof` opens it), sample type `off_cpu` in
     /// nanoseconds.
     pub fn pprof(&self) -> Vec<u8> {
-        pprof(
-            &self.kit_stacks(None),
-            Duration::from_secs_f64(self.seconds),
-        )
+        kit::debug::off_cpu_pprof(&self.kit_stacks(), Duration::from_secs_f64(self.seconds))
     }
-}
-
-/// A gzipped pprof protobuf of off-CPU `stacks` weighted in microseconds.
-pub fn pprof(stacks: &[Stack], duration: Duration) -> Vec<u8> {
-    let ns: Vec<Stack> = stacks
-        .iter()
-        .map(|s| Stack {
-            value: s.value.saturating_mul(1000),
-            ..s.clone()
-        })
-        .collect();
-    kit::debug::encode_pprof(&kit::debug::profile_of_stacks(
-        &ns,
-        ("off_cpu", "nanoseconds"),
-        duration,
-    ))
-}
-
-/// An off-CPU flamegraph of `stacks` (weights in microseconds).
-pub fn svg(stacks: &[Stack], title: &str) -> anyhow::Result<Vec<u8>> {
-    kit::debug::flamegraph_svg(stacks, title, "µs off-CPU").map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Why a capture could not run.

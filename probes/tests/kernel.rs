@@ -1623,7 +1623,7 @@ fn offcpu_stacks_name_where_threads_waited_and_for_how_long() {
     let decoded = kit::debug::decode_pprof(&profile.pprof()).expect("the pprof form decodes");
     let mut from_pprof = kit::debug::stacks(&decoded, 0);
     let mut want: Vec<kit::debug::Stack> = profile
-        .kit_stacks(None)
+        .kit_stacks()
         .into_iter()
         .map(|s| kit::debug::Stack {
             value: s.value * 1000,

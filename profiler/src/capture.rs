@@ -429,20 +429,10 @@ async fn offcpu_all(
         let folded = format!("{}.offcpu.collapsed", s.name);
         let pb = format!("{}.offcpu.pb.gz", s.name);
         write(&dir.join(&folded), collapsed(&st, true).as_bytes())?;
-        // For `go tool pprof`: the same stacks in nanoseconds.
-        let in_ns: Vec<kit::debug::Stack> = st
-            .iter()
-            .map(|x| kit::debug::Stack {
-                value: x.value.saturating_mul(1000),
-                ..x.clone()
-            })
-            .collect();
-        let off_cpu_profile = kit::debug::profile_of_stacks(
-            &in_ns,
-            ("off_cpu", "nanoseconds"),
-            Duration::from_secs(opts.seconds),
-        );
-        write(&dir.join(&pb), &kit::debug::encode_pprof(&off_cpu_profile))?;
+        write(
+            &dir.join(&pb),
+            &kit::debug::off_cpu_pprof(&st, Duration::from_secs(opts.seconds)),
+        )?;
         let title = format!(
             "{}: off-CPU time by where its threads waited, {} s ({:.1} thread-seconds)",
             s.name,
@@ -451,7 +441,7 @@ async fn offcpu_all(
         );
         write(
             &dir.join(&svg),
-            &flamegraph_svg(&st, &title, "µs off-CPU").map_err(|e| anyhow::anyhow!("{e}"))?,
+            &kit::debug::off_cpu_svg(&st, &title).map_err(|e| anyhow::anyhow!("{e}"))?,
         )?;
         out.insert(
             s.name.clone(),

@@ -1197,11 +1197,32 @@ pub fn decode_pprof(bytes: &[u8]) -> Result<Profile, String> {
     Profile::decode(data).map_err(|e| format!("not a pprof protobuf: {e}"))
 }
 
+/// Off-CPU stacks weighted in microseconds (the probes agent's) as a gzipped pprof protobuf
+/// with sample type `off_cpu` in nanoseconds, for `go tool pprof`.
+pub fn off_cpu_pprof(stacks_us: &[Stack], duration: Duration) -> Vec<u8> {
+    let in_ns: Vec<Stack> = stacks_us
+        .iter()
+        .map(|s| Stack {
+            value: s.value.saturating_mul(1000),
+            ..s.clone()
+        })
+        .collect();
+    encode_pprof(&profile_of_stacks(
+        &in_ns,
+        ("off_cpu", "nanoseconds"),
+        duration,
+    ))
+}
+
+/// The flamegraph of off-CPU stacks weighted in microseconds.
+pub fn off_cpu_svg(stacks_us: &[Stack], title: &str) -> Result<Vec<u8>, ProfileError> {
+    flamegraph_svg(stacks_us, title, "µs off-CPU")
+}
+
 /// A pprof profile of already-named stacks (root first), one sample per stack with its
-/// `thread` label and its value in `unit` of `value_type` (the off-CPU profiles of the probes
-/// agent: `("off_cpu", "nanoseconds")`). Frames become one function and one location each, by
-/// name; [`stacks`] reads the stacks back unchanged.
-pub fn profile_of_stacks(
+/// `thread` label and its value in `unit` of `value_type`. Frames become one function and one
+/// location each, by name; [`stacks`] reads the stacks back unchanged.
+fn profile_of_stacks(
     stacks: &[Stack],
     (value_type, unit): (&str, &str),
     duration: std::time::Duration,
@@ -1433,15 +1454,21 @@ mod tests {
             stack("tokio-rt-worker", &["main", "park", "epoll_wait"], 9_000),
             stack("matcher", &["main", "park", "futex_wait_[k]"], 1_000),
         ];
-        let profile = profile_of_stacks(&input, ("off_cpu", "nanoseconds"), Duration::from_secs(2));
-        let bytes = encode_pprof(&profile);
+        let bytes = off_cpu_pprof(&input, Duration::from_secs(2));
         let back = decode_pprof(&bytes).expect("decodes");
         assert_eq!(back.duration_nanos, 2_000_000_000);
         let ty = &back.sample_type[0];
         assert_eq!(back.string_table[ty.ty as usize], "off_cpu");
         assert_eq!(back.string_table[ty.unit as usize], "nanoseconds");
         let mut got = stacks(&back, 0);
-        let mut want = input;
+        // Microseconds in, nanoseconds out.
+        let mut want: Vec<Stack> = input
+            .into_iter()
+            .map(|s| Stack {
+                value: s.value * 1000,
+                ..s
+            })
+            .collect();
         got.sort_by(|a, b| a.frames.cmp(&b.frames));
         want.sort_by(|a, b| a.frames.cmp(&b.frames));
         assert_eq!(got, want);
