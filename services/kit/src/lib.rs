@@ -28,6 +28,7 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod record;
+pub mod runtime;
 pub mod shutdown;
 pub mod spool;
 pub mod telemetry;

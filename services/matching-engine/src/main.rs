@@ -1,6 +1,7 @@
 //! `matching-engine`: parse configuration, start telemetry, run. Everything else is in the
 //! library.
 
+use anyhow::Context as _;
 use clap::Parser;
 use std::path::PathBuf;
 
@@ -30,6 +31,9 @@ async fn main() -> anyhow::Result<()> {
     kit::telemetry::init("matching-engine", &config.log);
     let shutdown = kit::shutdown::Shutdown::on_signals()?;
     let listener = kit::http::bind(config.http.addr).await?;
-    matching_engine::run(config, listener, shutdown).await?;
+    // On a worker thread, not this one: see kit::runtime.
+    kit::runtime::on_workers(matching_engine::run(config, listener, shutdown))
+        .await
+        .context("the engine's main task")??;
     Ok(())
 }

@@ -36,7 +36,9 @@ async fn main() -> anyhow::Result<()> {
     let listener = kit::http::bind(config.http.addr)
         .await
         .context("binding the HTTP listener")?;
-    order_gateway::run(config, listener, shutdown)
+    // On a worker thread, not this one: see kit::runtime.
+    kit::runtime::on_workers(order_gateway::run(config, listener, shutdown))
         .await
+        .context("the gateway's main task")?
         .context("running the order gateway")
 }

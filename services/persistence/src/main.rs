@@ -36,7 +36,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("binding the HTTP listener")?;
     let shutdown = kit::shutdown::Shutdown::on_signals().context("installing signal handlers")?;
-    persistence::run(config, listener, shutdown)
+    // On a worker thread, not this one: see kit::runtime.
+    kit::runtime::on_workers(persistence::run(config, listener, shutdown))
         .await
+        .context("persistence's main task")?
         .context("persistence stopped with an error")
 }
