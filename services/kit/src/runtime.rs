@@ -9,7 +9,8 @@
 //! worker that sees the socket ready runs it too.
 //!
 //! Measured on the lab at 100 orders/s (persistence consumes on its main future):
-//! see docs/persistence.md, "Threads and context switches".
+//! 2,715 -> ~1,750 context switches per second and 7.8 -> ~5.2 % of a CPU for persistence
+//! (docs/persistence.md, "Threads and context switches").
 
 use std::future::Future;
 
