@@ -406,8 +406,8 @@ async fn serve_cpu(service: &'static str, req: CpuRequest) -> Result<Response, P
         capped = req.capped,
         "CPU profile started"
     );
-    let (profile, mut spent) =
-        cpu_profile_measured(Duration::from_secs(req.seconds), req.hz).await?;
+    let (profile, cost) = cpu_profile_measured(Duration::from_secs(req.seconds), req.hz).await?;
+    let mut spent = cost.building;
     let encode_started = thread_cpu_time();
     let samples: i64 = profile.sample.iter().filter_map(|s| s.value.first()).sum();
     tracing::info!(samples, "CPU profile done");
@@ -424,6 +424,16 @@ async fn serve_cpu(service: &'static str, req: CpuRequest) -> Result<Response, P
         "x-profile-cpu-ms",
         HeaderValue::from_str(&format!("{:.3}", spent.as_secs_f64() * 1e3))
             .unwrap_or_else(|_| HeaderValue::from_static("0")),
+    );
+    // What the signal handler cost the sampled threads during the profile (kit::sigprof).
+    resp.headers_mut().insert(
+        "x-profile-handler-ms",
+        HeaderValue::from_str(&format!("{:.3}", cost.handler.as_secs_f64() * 1e3))
+            .unwrap_or_else(|_| HeaderValue::from_static("0")),
+    );
+    resp.headers_mut().insert(
+        "x-profile-handler-runs",
+        HeaderValue::from(cost.handler_runs),
     );
     resp.headers_mut()
         .insert("x-profile-seconds", HeaderValue::from(req.seconds));
@@ -542,12 +552,24 @@ pub fn thread_cpu_time() -> Option<Duration> {
     Some(Duration::from_nanos(ns))
 }
 
-/// [`cpu_profile`], plus the CPU time spent turning the samples into the profile (copying them
-/// out and symbolizing): the part of profiling's cost that is not in the signal handler.
+/// What one CPU profile cost the process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProfileCost {
+    /// CPU time spent turning the samples into the profile (resuming or renewing the session,
+    /// copying the stacks out, symbolizing, building the protobuf).
+    pub building: Duration,
+    /// Time spent in the `SIGPROF` handler during the profile (unwinding and counting each
+    /// sample, in the sampled threads: [`crate::sigprof`]).
+    pub handler: Duration,
+    /// Samples the handler took during the profile.
+    pub handler_runs: u64,
+}
+
+/// [`cpu_profile`], plus what it cost: building the profile and running the signal handler.
 pub async fn cpu_profile_measured(
     duration: Duration,
     hz: u32,
-) -> Result<(Profile, Duration), ProfileError> {
+) -> Result<(Profile, ProfileCost), ProfileError> {
     let slot = CpuSlot::acquire()?;
     let hz = i32::try_from(hz.clamp(1, MAX_HZ)).unwrap_or(DEFAULT_HZ as i32);
     // The blocking thread waits on this channel: a timeout means the profile is complete; a
@@ -562,7 +584,9 @@ pub async fn cpu_profile_measured(
             let cpu_at_start = thread_cpu_time();
             let (session, baseline) = Session::resume(hz)?;
             let setup = elapsed_cpu(cpu_at_start);
+            let handler_at_start = crate::sigprof::totals();
             let waited = wait.recv_timeout(duration);
+            let handler_at_end = crate::sigprof::totals();
             // The raw stacks (addresses) are copied out under the profiler's lock — samples that
             // arrive meanwhile are dropped — and symbolized outside it.
             let started = thread_cpu_time();
@@ -582,7 +606,12 @@ pub async fn cpu_profile_measured(
                 return Err(ProfileError::Cancelled);
             };
             let profile = build_profile(&raw, hz);
-            Ok((profile, setup + elapsed_cpu(started)))
+            let cost = ProfileCost {
+                building: setup + elapsed_cpu(started),
+                handler: Duration::from_nanos(handler_at_end.0.saturating_sub(handler_at_start.0)),
+                handler_runs: handler_at_end.1.saturating_sub(handler_at_start.1),
+            };
+            Ok((profile, cost))
         })
     });
     task.await
@@ -673,6 +702,12 @@ impl Session {
         let guard = pprof::ProfilerGuardBuilder::default()
             .frequency(hz)
             .build()?;
+        // pprof-rs has just installed its SIGPROF handler: time it from now on.
+        if !crate::sigprof::wrap() {
+            tracing::debug!(
+                "the SIGPROF handler could not be timed; profiles report building cost only"
+            );
+        }
         Ok((
             Session {
                 guard,
@@ -1824,6 +1859,20 @@ mod tests {
                 .and_then(|v| v.to_str().ok()?.parse().ok())
                 .expect("x-profile-cpu-ms");
             assert!(cost >= 0.0, "{cost}");
+            // The signal handler was timed (kit::sigprof): a second of a burning thread is
+            // about 100 samples at 99 Hz, each a few microseconds of unwinding.
+            let header = |name: &str| -> f64 {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or_else(|| panic!("{name} on {path}"))
+            };
+            let (handler_ms, handler_runs) = (
+                header("x-profile-handler-ms"),
+                header("x-profile-handler-runs"),
+            );
+            assert!(handler_runs >= 10.0, "{path}: {handler_runs} handler runs");
+            assert!(handler_ms > 0.0, "{path}: {handler_ms} ms in the handler");
             let bytes = body(resp).await;
             match want {
                 "application/octet-stream" => {

@@ -9,7 +9,9 @@
 //! * [`alloc`]: jemalloc as the global allocator, with an arena of its own for the CPU
 //!   profiler's sample tables.
 //! * [`debug`]: `/debug/pprof` (CPU profiles, jemalloc heap profiles) behind a loopback-or-token
-//!   guard, and the jemalloc allocator every service installs.
+//!   guard, and the jemalloc allocator every service installs; [`sigprof`] times the CPU
+//!   profiler's signal handler, so that a profile reports its whole cost.
+//! * [`runtime`]: where a service's main future runs (on the runtime's workers).
 //! * [`metrics`]: the Prometheus recorder with real histogram buckets, and process metrics.
 //! * [`health`]: readiness flags per dependency behind `GET /readyz`.
 //! * [`http`]: the admin routes (`/healthz`, `/readyz`, `/metrics`), the tower-http layers
@@ -30,5 +32,6 @@ pub mod metrics;
 pub mod record;
 pub mod runtime;
 pub mod shutdown;
+pub mod sigprof;
 pub mod spool;
 pub mod telemetry;
