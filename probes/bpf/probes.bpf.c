@@ -704,17 +704,18 @@ int sched_switch_btf(__u64 *ctx)
 	struct task_struct *next = (struct task_struct *)ctx[2];
 	__u32 prev_state = (__u32)ctx[3];
 
-	/* The idle task (pid 0, about every other switch on a quiet CPU) is never tracked: no
-	 * storage lookup for it. */
-	__u32 pc = prev->pid ? comp_of(prev) : 0;
-	if (pc) {
-		__u32 comp = pc - 1;
-		struct runq_val *v = bpf_map_lookup_elem(&runq, &comp);
-		if (v) {
-			if (preempt || (prev_state & TASK_STATE_MASK) == 0)
+	/* The task switched away from is looked up only when it is still runnable (preempted or
+	 * throttled: an involuntary switch, the rare kind). A voluntary switch is counted when the
+	 * task comes back, as a switch-in below (voluntary = switch-ins - involuntary), so the
+	 * common switch — a task blocks, the CPU goes idle — costs no storage lookup at all. The
+	 * idle task (pid 0) is always "runnable" and never tracked. */
+	if ((preempt || (prev_state & TASK_STATE_MASK) == 0) && prev->pid) {
+		__u32 pc = comp_of(prev);
+		if (pc) {
+			__u32 comp = pc - 1;
+			struct runq_val *v = bpf_map_lookup_elem(&runq, &comp);
+			if (v)
 				v->involuntary += 1;
-			else
-				v->voluntary += 1;
 		}
 	}
 
@@ -725,15 +726,16 @@ int sched_switch_btf(__u64 *ctx)
 	__u32 nc = comp_of(next);
 	if (!nc)
 		return 0;
+	__u32 comp = nc - 1;
+	struct runq_val *v = bpf_map_lookup_elem(&runq, &comp);
+	if (!v)
+		return 0;
+	v->switch_ins += 1;
 	struct rq *rq = next->se.cfs_rq->rq;
 	if (!rq)
 		return 0;
 	__u64 delta = rq->clock - queued;
 	if ((__s64)delta < 0)
-		return 0;
-	__u32 comp = nc - 1;
-	struct runq_val *v = bpf_map_lookup_elem(&runq, &comp);
-	if (!v)
 		return 0;
 	__u32 slot = log2_slot(delta);
 	if (slot < HIST_SLOTS)

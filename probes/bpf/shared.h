@@ -68,15 +68,18 @@ struct runq_val {
 	__u64 slots[HIST_SLOTS];
 	__u64 sum_ns;
 	__u64 count;
-	__u64 voluntary;
-	__u64 involuntary;
+	__u64 voluntary;   /* classic programs: switches away while blocked */
+	__u64 involuntary; /* switches away while still runnable (preempted, throttled) */
+	__u64 switch_ins;  /* tp_btf program: switches to the component's tasks (voluntary =
+			    * switch_ins - involuntary: each switch-in ends one switch-away) */
 };
-SIZE(runq_val, 352)
+SIZE(runq_val, 360)
 LAYOUT(runq_val, slots, 0, 320)
 LAYOUT(runq_val, sum_ns, 320, 8)
 LAYOUT(runq_val, count, 328, 8)
 LAYOUT(runq_val, voluntary, 336, 8)
 LAYOUT(runq_val, involuntary, 344, 8)
+LAYOUT(runq_val, switch_ins, 352, 8)
 
 /* Block I/O operations. */
 #define OP_READ 0

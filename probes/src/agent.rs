@@ -381,7 +381,7 @@ impl Agent {
         for (idx, val) in runq {
             let name = registry.name(idx).to_string();
             let lab_component = view.has_lab && idx != 0;
-            if lab_component || val.hist.count > 0 || val.voluntary + val.involuntary > 0 {
+            if lab_component || val.hist.count > 0 || val.voluntary() + val.involuntary > 0 {
                 aggregates.runqueue.insert(name, val);
             }
         }

@@ -311,7 +311,7 @@ impl Aggregates {
                 &mut out,
                 name,
                 &[("component", c), ("kind", "voluntary")],
-                r.voluntary,
+                r.voluntary(),
             );
             sample(
                 &mut out,
@@ -491,6 +491,17 @@ mod tests {
                 hist: h,
                 voluntary: 5,
                 involuntary: 2,
+                switch_ins: 0,
+            },
+        );
+        // The tp_btf program's way: 9 switch-ins, 2 of them after an involuntary switch.
+        a.runqueue.insert(
+            "persistence".into(),
+            RunqVal {
+                hist: Log2Hist::default(),
+                voluntary: 0,
+                involuntary: 2,
+                switch_ins: 9,
             },
         );
         let text = a.render();
@@ -507,6 +518,18 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("probes_context_switches_total{component=\"matching-engine\",kind=\"involuntary\"} 2"), "{text}");
+        assert!(
+            text.contains(
+                "probes_context_switches_total{component=\"matching-engine\",kind=\"voluntary\"} 5"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "probes_context_switches_total{component=\"persistence\",kind=\"voluntary\"} 7"
+            ),
+            "{text}"
+        );
         // Program statistics only appear when enabled.
         assert!(!text.contains("probes_program_runs_total"));
     }

@@ -37,12 +37,13 @@ pub mod off {
     pub const RETRANS_LAST_NS: usize = 8;
     pub const RETRANS_TGID: usize = 16;
 
-    pub const RUNQ_VAL_SIZE: usize = 352;
+    pub const RUNQ_VAL_SIZE: usize = 360;
     pub const RUNQ_SLOTS: usize = 0;
     pub const RUNQ_SUM_NS: usize = 320;
     pub const RUNQ_COUNT: usize = 328;
     pub const RUNQ_VOLUNTARY: usize = 336;
     pub const RUNQ_INVOLUNTARY: usize = 344;
+    pub const RUNQ_SWITCH_INS: usize = 352;
 
     pub const BLK_KEY_SIZE: usize = 8;
     pub const BLK_DEV: usize = 0;
@@ -367,8 +368,11 @@ impl Log2Hist {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunqVal {
     pub hist: Log2Hist,
+    /// Counted by the classic programs; the `tp_btf` one counts `switch_ins` instead (see
+    /// [`RunqVal::voluntary`]).
     pub voluntary: u64,
     pub involuntary: u64,
+    pub switch_ins: u64,
 }
 
 impl RunqVal {
@@ -377,6 +381,7 @@ impl RunqVal {
             hist: Log2Hist::decode(b, off::RUNQ_SLOTS, off::RUNQ_SUM_NS, off::RUNQ_COUNT),
             voluntary: u64_at(b, off::RUNQ_VOLUNTARY),
             involuntary: u64_at(b, off::RUNQ_INVOLUNTARY),
+            switch_ins: u64_at(b, off::RUNQ_SWITCH_INS),
         }
     }
 
@@ -384,6 +389,20 @@ impl RunqVal {
         self.hist.add(&other.hist);
         self.voluntary += other.voluntary;
         self.involuntary += other.involuntary;
+        self.switch_ins += other.switch_ins;
+    }
+
+    /// Switches away while blocked. The `tp_btf` program does not look at the task it switches
+    /// away from unless that task is still runnable (an involuntary switch, the rare kind), so
+    /// it counts switches *to* the component's tasks instead: every one ends exactly one switch
+    /// away, voluntary or involuntary, hence voluntary = switch-ins - involuntary. The classic
+    /// programs count voluntary switches directly.
+    pub fn voluntary(&self) -> u64 {
+        if self.switch_ins > 0 {
+            self.switch_ins.saturating_sub(self.involuntary)
+        } else {
+            self.voluntary
+        }
     }
 }
 
@@ -609,6 +628,7 @@ const SHARED_LAYOUT: &[(&str, &str, usize, usize)] = &[
     ("runq_val", "count", off::RUNQ_COUNT, 8),
     ("runq_val", "voluntary", off::RUNQ_VOLUNTARY, 8),
     ("runq_val", "involuntary", off::RUNQ_INVOLUNTARY, 8),
+    ("runq_val", "switch_ins", off::RUNQ_SWITCH_INS, 8),
     ("blk_key", "dev", off::BLK_DEV, 4),
     ("blk_key", "op", off::BLK_OP, 4),
     ("blk_val", "slots", off::BLK_SLOTS, HIST_SLOTS * 8),

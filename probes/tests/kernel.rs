@@ -1105,6 +1105,87 @@ fn cpu_throttling_moves_runqueue_latency_into_milliseconds() {
     ));
 }
 
+/// The kernel's own context-switch counters of a single-threaded process:
+/// (`voluntary_ctxt_switches`, `nonvoluntary_ctxt_switches`) from `/proc/PID/status`.
+fn ctxt_switches(pid: u32) -> (u64, u64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (
+        field("voluntary_ctxt_switches:"),
+        field("nonvoluntary_ctxt_switches:"),
+    )
+}
+
+/// The `tp_btf` program counts a voluntary switch when the task comes back (voluntary =
+/// switch-ins - involuntary) rather than looking the task up when it blocks: the totals must
+/// still be the kernel's own.
+#[test]
+fn context_switches_match_the_kernels_own_counters() {
+    let test = "context_switches_match_the_kernels_own_counters";
+    if !root_or_skip(test) {
+        return;
+    }
+    if !tools_or_skip(test, &["perl"]) {
+        return;
+    }
+    let _serial = serial();
+    let mut cleanup = Cleanup::default();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(cg) = make_cgroup(&mut cleanup, "cpu", "cs") else {
+        skipped(format_args!(
+            "{test}: no cgroup v1 cpu hierarchy at /sys/fs/cgroup/cpu"
+        ));
+        return;
+    };
+    let state = lab_state(
+        dir.path(),
+        serde_json::json!([{"name": "persistence", "status": "ready", "ports": {},
+                            "cgroup": {"cpu": cg.display().to_string()}}]),
+    );
+    let agent = start_agent(&["runqueue"], state);
+    // One thread that blocks 1,000 times a second (select(2) with a 1 ms timeout).
+    let (pid, child) = spawn_in_cgroup(
+        &mut cleanup,
+        &cg,
+        "perl -e 'select(undef, undef, undef, 0.001) while 1'",
+    );
+    wait_attributed(&agent, pid, "persistence");
+    go(&child);
+    // Past exec: the counters below are perl's own.
+    poll_until("perl to block", Duration::from_secs(10), || {
+        (ctxt_switches(pid).0 > 100).then_some(())
+    });
+    let before = (runq_of(&agent, "persistence"), ctxt_switches(pid));
+    std::thread::sleep(Duration::from_secs(2)); // the workload's measurement window
+    let after = (runq_of(&agent, "persistence"), ctxt_switches(pid));
+    let probe_vol = after.0.voluntary() - before.0.voluntary();
+    let probe_invol = after.0.involuntary - before.0.involuntary;
+    let kernel_vol = after.1.0 - before.1.0;
+    let kernel_invol = after.1.1 - before.1.1;
+    println!(
+        "voluntary: probe {probe_vol}, kernel {kernel_vol}; involuntary: probe {probe_invol}, kernel {kernel_invol}; switch-ins {}",
+        after.0.switch_ins - before.0.switch_ins
+    );
+    assert!(
+        kernel_vol >= 500,
+        "the workload did not block: {kernel_vol}"
+    );
+    // The two reads are not atomic with each other: a few switches either side.
+    assert!(
+        probe_vol.abs_diff(kernel_vol) <= kernel_vol / 50 + 5,
+        "voluntary switches: probe {probe_vol}, kernel {kernel_vol}"
+    );
+    assert!(
+        probe_invol.abs_diff(kernel_invol) <= kernel_invol / 5 + 5,
+        "involuntary switches: probe {probe_invol}, kernel {kernel_invol}"
+    );
+}
+
 #[test]
 fn an_oom_kill_is_reported_with_its_pid_and_component() {
     let test = "an_oom_kill_is_reported_with_its_pid_and_component";
