@@ -84,6 +84,8 @@ const PROFILER_FRAME_PREFIXES: &[&str] = &[
     "<backtrace::",
     "__restore_rt",
     "perf_signal_handler",
+    // The timing wrapper in front of pprof-rs's handler (crate::sigprof).
+    "kit::sigprof::",
 ];
 
 /// Why a profile could not be served. The `IntoResponse` impl is the one place these become
@@ -1829,6 +1831,31 @@ mod tests {
         }
     }
 
+    /// The leaf end of a raw stack: the profiler's frames, the timing wrapper, the signal
+    /// trampoline (nameless where libc's symbols are missing, as in CI's debug builds), then
+    /// the interrupted code. Everything up to the trampoline goes.
+    #[test]
+    fn the_profilers_own_frames_are_cut_with_or_without_a_named_trampoline() {
+        let line = |name: &str| CodeLine {
+            name: name.into(),
+            file: String::new(),
+            line: 0,
+        };
+        let (bt, handler, wrapper, app, main) = (
+            vec![line("backtrace::backtrace::trace_unsynchronized")],
+            vec![line("perf_signal_handler")],
+            vec![line("kit::sigprof::timed")],
+            vec![line("order_gateway::api::submit")],
+            vec![line("main")],
+        );
+        let named = vec![line(SIGNAL_TRAMPOLINE)];
+        let nameless: Vec<CodeLine> = Vec::new();
+        for trampoline in [&named, &nameless] {
+            let stack: Vec<&[CodeLine]> = vec![&bt, &handler, &wrapper, trampoline, &app, &main];
+            assert_eq!(profiler_frames(&stack), 4, "{trampoline:?}");
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn formats_and_content_types() {
         let _turn = PROFILE_LOCK.lock().await;
@@ -1885,6 +1912,7 @@ mod tests {
                     let own = stacks(&p, 0).into_iter().flat_map(|s| s.frames).find(|f| {
                         // (`backtrace::` frames may be genuine: the heap test symbolizes.)
                         f.starts_with("pprof::")
+                            || f.starts_with("kit::sigprof::")
                             || f.contains("perf_signal_handler")
                             || f == SIGNAL_TRAMPOLINE
                     });
