@@ -860,28 +860,17 @@ pub fn summarize(
             .map(|w| w.cpu_seconds_total)
             .collect::<Vec<_>>(),
     );
-    let building = mean(
-        &on_w
-            .iter()
-            .map(|w| w.profile_building_cpu_seconds)
-            .collect::<Vec<_>>(),
-    );
-    let building_pct = if off_cpu > 0.0 {
-        building / off_cpu * 100.0
-    } else {
-        0.0
+    // A per-"on"-window amount relative to the services' CPU in an "off" window, in percent.
+    let pct_of_off = |v: f64| {
+        if off_cpu > 0.0 {
+            v / off_cpu * 100.0
+        } else {
+            0.0
+        }
     };
-    let handler = mean(
-        &on_w
-            .iter()
-            .map(|w| w.profile_handler_cpu_seconds)
-            .collect::<Vec<_>>(),
-    );
-    let handler_pct = if off_cpu > 0.0 {
-        handler / off_cpu * 100.0
-    } else {
-        0.0
-    };
+    let on_mean = |f: fn(&Window) -> f64| mean(&on_w.iter().map(|w| f(w)).collect::<Vec<_>>());
+    let building_pct = pct_of_off(on_mean(|w| w.profile_building_cpu_seconds));
+    let handler_pct = pct_of_off(on_mean(|w| w.profile_handler_cpu_seconds));
     // Half-width of a rough 95 % interval of the pair mean.
     let half = if pair_diffs.len() >= 2 {
         2.0 * pair_sd / (pair_diffs.len() as f64).sqrt()
@@ -891,12 +880,7 @@ pub fn summarize(
     let target = opts.subject.target_pct();
     let what = opts.subject.describe(opts.hz);
     // The agent's own CPU and its programs' kernel run time, per "on" window.
-    let agent_cpu = mean(
-        &on_w
-            .iter()
-            .map(|w| w.cpu_seconds.get("probes").copied().unwrap_or(0.0))
-            .collect::<Vec<_>>(),
-    );
+    let agent_cpu = on_mean(|w| w.cpu_seconds.get("probes").copied().unwrap_or(0.0));
     // The programs' run time: from the window with the kernel's statistics on (reports
     // written before it existed had them on in every "on" window).
     let ebpf_w: Vec<&Window> = match &stats_window {
@@ -910,13 +894,6 @@ pub fn summarize(
             .collect::<Vec<_>>(),
     );
     let ebpf_seconds = mean(&ebpf_w.iter().map(|w| w.seconds).collect::<Vec<_>>());
-    let pct_of_off = |v: f64| {
-        if off_cpu > 0.0 {
-            v / off_cpu * 100.0
-        } else {
-            0.0
-        }
-    };
     let mut by_program = std::collections::BTreeMap::new();
     // Per program: (run seconds, runs, window seconds) summed over those windows.
     let mut totals: std::collections::BTreeMap<String, (f64, f64, f64)> = Default::default();
