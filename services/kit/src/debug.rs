@@ -422,17 +422,14 @@ async fn serve_cpu(service: &'static str, req: CpuRequest) -> Result<Response, P
         spent += b.saturating_sub(a);
     }
     // What building and encoding this profile cost the process (the benchmark adds it up).
-    resp.headers_mut().insert(
-        "x-profile-cpu-ms",
-        HeaderValue::from_str(&format!("{:.3}", spent.as_secs_f64() * 1e3))
-            .unwrap_or_else(|_| HeaderValue::from_static("0")),
-    );
+    let ms = |d: Duration| {
+        HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1e3))
+            .unwrap_or_else(|_| HeaderValue::from_static("0"))
+    };
+    resp.headers_mut().insert("x-profile-cpu-ms", ms(spent));
     // What the signal handler cost the sampled threads during the profile (kit::sigprof).
-    resp.headers_mut().insert(
-        "x-profile-handler-ms",
-        HeaderValue::from_str(&format!("{:.3}", cost.handler.as_secs_f64() * 1e3))
-            .unwrap_or_else(|_| HeaderValue::from_static("0")),
-    );
+    resp.headers_mut()
+        .insert("x-profile-handler-ms", ms(cost.handler));
     resp.headers_mut().insert(
         "x-profile-handler-runs",
         HeaderValue::from(cost.handler_runs),
