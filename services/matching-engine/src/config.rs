@@ -74,6 +74,9 @@ pub struct JournalConfig {
     pub group_commit_max: usize,
     /// Commands waiting for the matching thread; beyond it requests get 503.
     pub queue_max: usize,
+    /// KiB of zeros written ahead of the records, so that a sync writes the records alone
+    /// (no new file size or blocks to record); 0: the file grows with each write.
+    pub preallocate_kb: u64,
 }
 
 impl Default for JournalConfig {
@@ -81,6 +84,7 @@ impl Default for JournalConfig {
         JournalConfig {
             group_commit_max: 1024,
             queue_max: 16_384,
+            preallocate_kb: 1_024,
         }
     }
 }
@@ -125,6 +129,12 @@ impl Validate for EngineConfig {
             return Err(ConfigError::invalid(
                 "journal.queue_max",
                 "must be between 1 and 1000000",
+            ));
+        }
+        if self.journal.preallocate_kb > 1 << 20 {
+            return Err(ConfigError::invalid(
+                "journal.preallocate_kb",
+                "must be between 0 and 1048576 (1 GiB)",
             ));
         }
         Ok(())

@@ -61,9 +61,10 @@ pub async fn run(
     let readiness = Readiness::with_optional(&["journal"], &["rabbitmq"]);
     let started = Instant::now();
     let dir = config.data.dir.clone();
+    let preallocate = config.journal.preallocate_kb << 10;
     let (exchange, journal, stats) = tokio::task::spawn_blocking(move || {
         let mut exchange = Exchange::new(&domain::Catalog::lab());
-        Journal::open_and_replay(&dir, &mut exchange).map(|(j, s)| (exchange, j, s))
+        Journal::open_and_replay(&dir, &mut exchange, preallocate).map(|(j, s)| (exchange, j, s))
     })
     .await
     .map_err(|e| RunError::Io {
