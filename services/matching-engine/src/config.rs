@@ -84,7 +84,7 @@ impl Default for JournalConfig {
         JournalConfig {
             group_commit_max: 1024,
             queue_max: 16_384,
-            preallocate_kb: 1_024,
+            preallocate_kb: 256,
         }
     }
 }
