@@ -37,6 +37,15 @@ pub const CHECKPOINT_FILE: &str = "outbox.checkpoint";
 /// journal's for the disk (`make chaos-disk-io`).
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Syncs the checkpoint to `(offset, seq)` unless it holds that offset already (the publisher
+/// is stopping).
+fn settle(checkpoint: &mut Checkpoint, offset: u64, seq: u64) -> std::io::Result<()> {
+    if checkpoint.get().0 != offset {
+        checkpoint.set(offset, seq)?;
+    }
+    Ok(())
+}
+
 /// Everything the publisher needs.
 #[derive(Debug)]
 pub struct Outbox {
@@ -189,9 +198,7 @@ impl Outbox {
                 tokio::select! {
                     _ = tokio::time::sleep_until(next_publish.into()) => {}
                     _ = self.shutdown.wait() => {
-                        if checkpoint.get().0 != offset {
-                            checkpoint.set(offset, confirmed_seq)?;
-                        }
+                        settle(checkpoint, offset, confirmed_seq)?;
                         return Ok(());
                     }
                 }
@@ -210,17 +217,13 @@ impl Outbox {
                     changed = self.durable.changed() => {
                         if changed.is_err() {
                             // The matching thread stopped: everything durable is published.
-                            if behind {
-                                checkpoint.set(offset, confirmed_seq)?;
-                            }
+                            settle(checkpoint, offset, confirmed_seq)?;
                             return Ok(());
                         }
                     }
                     _ = tokio::time::sleep_until(sync_at.into()), if behind => {}
                     _ = self.shutdown.wait() => {
-                        if behind {
-                            checkpoint.set(offset, confirmed_seq)?;
-                        }
+                        settle(checkpoint, offset, confirmed_seq)?;
                         return Ok(());
                     }
                 }
