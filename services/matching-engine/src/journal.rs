@@ -135,17 +135,18 @@ impl Journal {
         }
         // After the last record: nothing, zeros written ahead, or a record torn by a crash
         // (written, never synced, never answered), which is cut off with the zeros after it.
-        let mut written = data.len() as u64;
-        if let Some(last) = data[off..].iter().rposition(|b| *b != 0) {
+        // With zero-fill turned off the zeros go too: the file grows write by write.
+        let torn = data[off..].iter().rposition(|b| *b != 0);
+        if let Some(last) = torn {
             stats.truncated_bytes = (last + 1) as u64;
             tracing::warn!(path = %path.display(), offset = off, bytes = stats.truncated_bytes, "cutting off a torn record at the end of the journal");
-            file.set_len(off as u64).map_err(io_err)?;
-            file.sync_all().map_err(io_err)?;
-            written = off as u64;
         }
-        if preallocate == 0 && written > off as u64 {
-            // Zero-fill turned off: the zeros written ahead go, the file grows write by write.
+        let mut written = data.len() as u64;
+        if written > off as u64 && (torn.is_some() || preallocate == 0) {
             file.set_len(off as u64).map_err(io_err)?;
+            if torn.is_some() {
+                file.sync_all().map_err(io_err)?;
+            }
             written = off as u64;
         }
         // Make the file's directory entry durable on first creation.
@@ -183,7 +184,9 @@ impl Journal {
             });
         }
         self.end = need;
-        self.written = self.written.max(target).max(need);
+        // `target` is the file's size already or the new zero-filled one; without zero-fill
+        // the records themselves extend the file.
+        self.written = target.max(need);
         Ok(())
     }
 
