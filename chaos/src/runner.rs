@@ -224,6 +224,8 @@ pub async fn run(
         max_error_rate: 0.01,
         baseline_rate: rate,
         refine: 1,
+        // Evidence only, next to the fault's own numbers: one quick pass.
+        confirm: 0,
         symbols: exp.load.symbols.clone(),
         seed: 7,
         request_timeout: Duration::from_secs(5),

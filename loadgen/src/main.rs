@@ -65,6 +65,10 @@ struct CapacityArgs {
     /// Bisection steps between the last good and the first bad rate.
     #[arg(long, default_value_t = 3)]
     refine: u32,
+    /// How many more times a rate that broke the service level is held before it counts as
+    /// broken (one stall of a shared host should not end the search; 0: the first break decides).
+    #[arg(long, default_value_t = 1)]
+    confirm: u32,
     #[arg(
         long,
         value_delimiter = ',',
@@ -205,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
                 max_error_rate: a.max_error_rate,
                 baseline_rate: a.baseline_rate,
                 refine: a.refine,
+                confirm: a.confirm,
                 symbols: a.symbols,
                 seed: a.seed,
                 request_timeout: Duration::from_secs(10),
@@ -217,7 +222,7 @@ async fn main() -> anyhow::Result<()> {
                     s.rate_per_sec,
                     s.ack_p99_ms,
                     s.error_rate * 100.0,
-                    if s.sustained { "ok" } else { "broke" }
+                    s.verdict()
                 )
             })
             .await?;

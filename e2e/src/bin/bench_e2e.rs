@@ -190,6 +190,7 @@ async fn main() -> anyhow::Result<()> {
             max_error_rate: 0.001,
             baseline_rate: 30.0,
             refine: 3,
+            confirm: 1,
             symbols: symbols.clone(),
             seed: 2,
             request_timeout: Duration::from_secs(10),
@@ -203,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
                 s.achieved_rate_per_sec,
                 s.ack_p99_ms,
                 s.error_rate * 100.0,
-                if s.sustained { "ok" } else { "broke" }
+                s.verdict()
             )
         },
     )
@@ -226,11 +227,22 @@ async fn main() -> anyhow::Result<()> {
     let rows_per_order = (events + orders + trades) as f64 / orders.max(1) as f64;
 
     eprintln!(
-        "ceilings: RabbitMQ publish with confirms, PostgreSQL batched inserts ({} each) ...",
+        "ceilings: RabbitMQ publish with confirms, PostgreSQL batched inserts ({} each, best of two runs) ...",
         args.ceiling_items
     );
-    let rabbit = rabbitmq_ceiling(&amqp, args.ceiling_items).await?;
-    let pg_rows = postgres_ceiling(&database, args.ceiling_items).await?;
+    // Each ceiling is the best of two runs: the host's noise only ever lowers a throughput, so
+    // the higher run is the better estimate of what the component can do here (and the ratio
+    // below the more conservative).
+    let rabbit_runs = [
+        rabbitmq_ceiling(&amqp, args.ceiling_items).await?,
+        rabbitmq_ceiling(&amqp, args.ceiling_items).await?,
+    ];
+    let pg_runs = [
+        postgres_ceiling(&database, args.ceiling_items).await?,
+        postgres_ceiling(&database, args.ceiling_items).await?,
+    ];
+    let rabbit = rabbit_runs[0].max(rabbit_runs[1]);
+    let pg_rows = pg_runs[0].max(pg_runs[1]);
     let pg_orders = pg_rows / rows_per_order;
     let ceiling = rabbit.min(pg_orders);
     let sustained = cap.sustainable_rate_per_sec;
@@ -248,7 +260,9 @@ async fn main() -> anyhow::Result<()> {
         "demo_p999_ms": demo.ack_latency.p999_ms,
         "ceiling": {
             "rabbitmq_publish_confirm_msgs_per_sec": rabbit.round(),
+            "rabbitmq_runs": rabbit_runs.map(f64::round),
             "postgres_batched_insert_rows_per_sec": pg_rows.round(),
+            "postgres_runs": pg_runs.map(f64::round),
             "rows_per_order": (rows_per_order * 100.0).round() / 100.0,
             "postgres_orders_per_sec": pg_orders.round(),
             "orders_per_sec": ceiling.round(),
