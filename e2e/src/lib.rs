@@ -4,6 +4,8 @@
 //! The services' binaries come from the `target/<profile>` folder this test binary was built
 //! into; `cargo test --workspace` (what `make test` runs) builds them with the tests.
 
+pub mod cpu;
+
 use anyhow::{Context, bail};
 use lab::{Component, Lab, LabConfig};
 use serde_json::Value;

@@ -15,10 +15,12 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use loadgen::capacity::{CapacitySpec, search};
+use loadgen::capacity::{CapacitySpec, Step, search};
 use loadgen::flow::FlowSpec;
 use loadgen::run::RunSpec;
+use serde::Serialize;
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -45,6 +47,97 @@ struct Args {
     ceiling_items: usize,
     #[arg(long, default_value = "target/bench/e2e.json")]
     out: PathBuf,
+}
+
+/// CPU seconds so far: each component's process tree, this process, the host.
+struct CpuReading {
+    trees: BTreeMap<String, f64>,
+    own: f64,
+    host: Option<(f64, f64)>,
+}
+
+impl CpuReading {
+    fn now(roots: &[(String, i32)]) -> CpuReading {
+        CpuReading {
+            trees: e2e::cpu::tree_seconds(roots),
+            own: e2e::cpu::own_seconds(),
+            host: e2e::cpu::host_seconds(),
+        }
+    }
+}
+
+/// Where one capacity step's CPU went (the readings bracket the step and the moment between it
+/// and the previous one).
+#[derive(Clone, Serialize)]
+struct StepCpu {
+    rate_per_sec: f64,
+    attempt: u32,
+    sustained: bool,
+    /// Busy share of all the host's CPUs.
+    host_busy_pct: f64,
+    /// CPU per acknowledged order, µs: each component, `load generator` (this process),
+    /// `other` (the host's busy time no listed process accounts for: kernel threads, softirqs
+    /// charged to no one, anything else running) and `total`.
+    us_per_order: BTreeMap<String, f64>,
+}
+
+impl StepCpu {
+    fn between(a: &CpuReading, b: &CpuReading, step: &Step, step_s: f64) -> StepCpu {
+        let orders = (step.achieved_rate_per_sec * step_s).max(1.0);
+        let per_order = |seconds: f64| (seconds / orders * 1e6 * 10.0).round() / 10.0;
+        let mut us: BTreeMap<String, f64> = BTreeMap::new();
+        let mut listed = 0.0;
+        for (name, after) in &b.trees {
+            let d = (after - a.trees.get(name).copied().unwrap_or(0.0)).max(0.0);
+            listed += d;
+            us.insert(name.clone(), per_order(d));
+        }
+        let own = (b.own - a.own).max(0.0);
+        listed += own;
+        us.insert("load generator".into(), per_order(own));
+        let mut host_busy_pct = 0.0;
+        if let (Some((busy0, total0)), Some((busy1, total1))) = (a.host, b.host) {
+            let busy = busy1 - busy0;
+            host_busy_pct = (busy / (total1 - total0).max(1e-9) * 1000.0).round() / 10.0;
+            us.insert("other".into(), per_order((busy - listed).max(0.0)));
+            us.insert("total".into(), per_order(busy));
+        }
+        StepCpu {
+            rate_per_sec: step.rate_per_sec,
+            attempt: step.attempt,
+            sustained: step.sustained,
+            host_busy_pct,
+            us_per_order: us,
+        }
+    }
+
+    /// `CPU per order at R/s (host B % busy): a 70 µs, b 62, ..., 287 µs in all`, largest first.
+    fn line(&self) -> String {
+        let mut parts: Vec<(&String, &f64)> = self
+            .us_per_order
+            .iter()
+            .filter(|(k, _)| k.as_str() != "total")
+            .collect();
+        parts.sort_by(|x, y| y.1.total_cmp(x.1));
+        let list: Vec<String> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, (k, v))| {
+                if i == 0 {
+                    format!("{k} {v:.0} µs")
+                } else {
+                    format!("{k} {v:.0}")
+                }
+            })
+            .collect();
+        format!(
+            "CPU per order at {:.0}/s (host {:.0} % busy): {}; {:.0} µs in all",
+            self.rate_per_sec,
+            self.host_busy_pct,
+            list.join(", "),
+            self.us_per_order.get("total").copied().unwrap_or(0.0)
+        )
+    }
 }
 
 /// A payload the size of one order's events on the wire (accepted + a trade, ~400 bytes).
@@ -179,6 +272,15 @@ async fn main() -> anyhow::Result<()> {
         "capacity search: highest rate with ack p99 < {:?} ...",
         args.max_p99
     );
+    // Where each step's CPU went: every component's process tree, this process (the load
+    // generator), and the host.
+    let roots: Vec<(String, i32)> = Component::ALL
+        .iter()
+        .filter_map(|c| lab.pid(*c).map(|p| (c.name().to_string(), p)))
+        .collect();
+    let mut last = CpuReading::now(&roots);
+    let mut cpu_by_step: Vec<StepCpu> = Vec::new();
+    let step_s = args.step.as_secs_f64();
     let cap = search(
         &CapacitySpec {
             target: gateway.clone(),
@@ -198,14 +300,19 @@ async fn main() -> anyhow::Result<()> {
             client_id_prefix: format!("bench-cap-{}", std::process::id()),
         },
         |s| {
+            let now = CpuReading::now(&roots);
+            let cpu = StepCpu::between(&last, &now, s, step_s);
+            last = now;
             eprintln!(
-                "  {:>8.0}/s  achieved {:>8.1}/s  p99 {:>8.2} ms  errors {:.2}%  {}",
+                "  {:>8.0}/s  achieved {:>8.1}/s  p99 {:>8.2} ms  errors {:.2}%  host {:>3.0}% busy  {}",
                 s.rate_per_sec,
                 s.achieved_rate_per_sec,
                 s.ack_p99_ms,
                 s.error_rate * 100.0,
+                cpu.host_busy_pct,
                 s.verdict()
-            )
+            );
+            cpu_by_step.push(cpu);
         },
     )
     .await?;
@@ -215,6 +322,13 @@ async fn main() -> anyhow::Result<()> {
         .filter(|s| s.sustained)
         .max_by(|a, b| a.rate_per_sec.total_cmp(&b.rate_per_sec))
         .cloned();
+    let cpu_at_best = best.as_ref().and_then(|b| {
+        cpu_by_step
+            .iter()
+            .rev()
+            .find(|c| c.sustained && c.rate_per_sec == b.rate_per_sec)
+            .cloned()
+    });
 
     // Rows written per acknowledged order, to turn PostgreSQL rows/s into orders/s.
     let pool = sqlx::PgPool::connect(&database).await?;
@@ -269,6 +383,8 @@ async fn main() -> anyhow::Result<()> {
         },
         "ratio_to_ceiling": if ceiling > 0.0 { (sustained / ceiling * 1000.0).round() / 1000.0 } else { 0.0 },
         "capacity": cap,
+        "cpu_at_sustained": cpu_at_best,
+        "cpu_by_step": cpu_by_step,
         "targets": {"orders_per_sec": 20_000, "p99_ms": 20, "ratio_to_ceiling": 0.5, "demo_p99_ms": 5},
     });
     println!("end-to-end benchmark (whole pipeline on this machine, load generator included):");
@@ -281,6 +397,9 @@ async fn main() -> anyhow::Result<()> {
             "    at that rate: p50 {:.2} ms, p99 {:.2} ms",
             b.ack_p50_ms, b.ack_p99_ms
         );
+    }
+    if let Some(c) = &cpu_at_best {
+        println!("    {}", c.line());
     }
     println!(
         "  demo load 30/s: p50 {:.2} ms, p99 {:.2} ms",
