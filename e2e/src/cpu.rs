@@ -4,8 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-/// Clock ticks per second of `/proc`'s CPU counters (`USER_HZ`, 100 on Linux).
-const TICKS_PER_SEC: f64 = 100.0;
+use lab::process::TICKS_PER_SEC;
 
 /// CPU seconds (user + system) so far of each named process tree: the process and everything
 /// descended from it that is alive now. A descendant that exited since the last reading takes
@@ -54,14 +53,8 @@ pub fn own_seconds() -> f64 {
 
 /// `(ppid, utime + stime in seconds)` of `pid`.
 fn stat(pid: i32) -> Option<(i32, f64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may hold spaces and parentheses): state is field 3.
-    let rest = &text[text.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ppid: i32 = f.get(4 - 3)?.parse().ok()?;
-    let utime: f64 = f.get(14 - 3)?.parse().ok()?;
-    let stime: f64 = f.get(15 - 3)?.parse().ok()?;
-    Some((ppid, (utime + stime) / TICKS_PER_SEC))
+    let s = lab::process::stat(pid)?;
+    Some((s.ppid, s.cpu_ticks as f64 / TICKS_PER_SEC))
 }
 
 /// The host's CPU seconds so far, all CPUs together: `(busy, total)`, where busy is everything

@@ -19,6 +19,9 @@ use crate::stats::Summary;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+/// Most repeats of a broken rate (`confirm`): each is a whole step.
+pub const MAX_CONFIRM: u32 = 10;
+
 /// Schema name and version of the capacity JSON.
 pub const CAPACITY_SCHEMA: &str = "loadgen.capacity/v1";
 
@@ -226,6 +229,11 @@ pub async fn search(
         "--max-rate must be at least --start-rate"
     );
     anyhow::ensure!(spec.baseline_rate > 0.0, "--baseline-rate must be positive");
+    anyhow::ensure!(
+        spec.confirm <= MAX_CONFIRM,
+        "--confirm must be at most {MAX_CONFIRM} (got {})",
+        spec.confirm
+    );
     let mut steps = Vec::new();
     let mut good = 0.0f64;
     let mut bad: Option<f64> = None;

@@ -212,3 +212,14 @@ async fn a_one_off_stall_is_tried_again() {
         twice.table()
     );
 }
+
+#[tokio::test]
+async fn a_confirm_beyond_the_bound_is_refused() {
+    let mut s = spec("http://127.0.0.1:9".into(), 1, u32::MAX);
+    let err = search(&s, |_| {}).await.unwrap_err().to_string();
+    assert!(err.contains("--confirm must be at most 10"), "{err}");
+    s.confirm = 10;
+    s.start_rate = 0.0;
+    let err = search(&s, |_| {}).await.unwrap_err().to_string();
+    assert!(err.contains("--start-rate"), "{err}");
+}

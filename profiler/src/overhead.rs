@@ -254,14 +254,7 @@ pub struct Report {
 
 /// CPU seconds so far of one service.
 pub fn cpu_seconds_proc(pid: i32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state); utime = 14, stime = 15 (proc(5)), in clock ticks of
-    // 1/100 s (USER_HZ, 100 on Linux).
-    let utime: f64 = f.get(14 - 3)?.parse().ok()?;
-    let stime: f64 = f.get(15 - 3)?.parse().ok()?;
-    Some((utime + stime) / 100.0)
+    lab::process::stat(pid).map(|s| s.cpu_ticks as f64 / lab::process::TICKS_PER_SEC)
 }
 
 /// Sums the samples of metric `name` whose labels contain every one of `labels`.

@@ -34,7 +34,12 @@ pub struct ProcStat {
     pub pgid: i32,
     /// Clock ticks since boot when it started.
     pub start_ticks: u64,
+    /// CPU time used so far, user + system, in clock ticks (`USER_HZ`: 100 a second).
+    pub cpu_ticks: u64,
 }
+
+/// Clock ticks per second of `/proc`'s times (`USER_HZ`, 100 on Linux).
+pub const TICKS_PER_SEC: f64 = 100.0;
 
 /// Parses the contents of `/proc/PID/stat`.
 fn parse_stat(text: &str) -> Option<ProcStat> {
@@ -47,6 +52,8 @@ fn parse_stat(text: &str) -> Option<ProcStat> {
         pgid: fields.get(2)?.parse().ok()?,
         // Field 22 of the file; `fields[0]` is field 3.
         start_ticks: fields.get(19)?.parse().ok()?,
+        // Fields 14 (utime) and 15 (stime).
+        cpu_ticks: fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?,
     })
 }
 
@@ -243,7 +250,7 @@ mod tests {
 
     #[test]
     fn parses_stat_with_odd_command_names() {
-        let line = "1234 (post gres: (x)) S 1 1234 1234 0 -1 4194560 101 0 0 0 0 0 0 0 20 0 1 0 98765 1000 10";
+        let line = "1234 (post gres: (x)) S 1 1234 1234 0 -1 4194560 101 0 0 0 7 5 0 0 20 0 1 0 98765 1000 10";
         let s = parse_stat(line).expect("parse");
         assert_eq!(
             s,
@@ -251,7 +258,8 @@ mod tests {
                 state: 'S',
                 ppid: 1,
                 pgid: 1234,
-                start_ticks: 98765
+                start_ticks: 98765,
+                cpu_ticks: 12,
             }
         );
     }
