@@ -2,9 +2,8 @@
 //! depends on the arrival rate: it answers at once below a known rate and 100 ms late above it,
 //! and can stall once, as a shared host sometimes does.
 
-use axum::Router;
-use axum::http::StatusCode;
-use axum::routing::{delete, post};
+mod common;
+
 use loadgen::capacity::{CapacityReport, CapacitySpec, search};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,39 +64,8 @@ impl State {
 /// The gateway's URL.
 async fn gateway(stall: Option<Stall>) -> String {
     let state = Arc::new(State::default());
-    let next_id = Arc::new(AtomicU64::new(1));
-    let (s1, s2) = (state.clone(), state);
-    let app = Router::new()
-        .route(
-            "/v1/orders",
-            post(move || {
-                let (s, n) = (s1.clone(), next_id.clone());
-                async move {
-                    tokio::time::sleep(s.delay(stall)).await;
-                    let id = n.fetch_add(1, Ordering::SeqCst);
-                    (
-                        StatusCode::CREATED,
-                        axum::Json(
-                            serde_json::json!({"order_id": id, "status": "new", "fills": []}),
-                        ),
-                    )
-                }
-            }),
-        )
-        .route(
-            "/v1/orders/{id}",
-            delete(move || {
-                let s = s2.clone();
-                async move {
-                    tokio::time::sleep(s.delay(stall)).await;
-                    axum::Json(serde_json::json!({"status": "cancelled"}))
-                }
-            }),
-        );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    url
+    let delay: common::Delay = Arc::new(move || Some(state.delay(stall)));
+    common::fake_gateway(delay.clone(), delay).await
 }
 
 fn spec(target: String, refine: u32, confirm: u32) -> CapacitySpec {

@@ -2,9 +2,8 @@
 //! coordinated omission, and a complete ledger after an interruption. The audit is tested
 //! against real PostgreSQL in the end-to-end suite.
 
-use axum::Router;
-use axum::http::StatusCode;
-use axum::routing::{delete, post};
+mod common;
+
 use loadgen::flow::FlowSpec;
 use loadgen::ledger::{self, Outcome};
 use loadgen::run::{RunSpec, run};
@@ -21,41 +20,19 @@ struct Fake {
 }
 
 /// A gateway that answers 201 at once, or first waits until the delay `behaviour` returns
-/// (`None`: never answers).
+/// (`None`: never answers); it counts the orders it received.
 async fn fake_gateway(behaviour: Behaviour) -> Fake {
     let received = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let next_id = Arc::new(AtomicU64::new(1));
-    let (r, b, n) = (received.clone(), behaviour.clone(), next_id.clone());
-    let app = Router::new()
-        .route(
-            "/v1/orders",
-            post(move || {
-                let (r, b, n) = (r.clone(), b.clone(), n.clone());
-                async move {
-                    r.fetch_add(1, Ordering::SeqCst);
-                    match b(started.elapsed()) {
-                        None => std::future::pending::<()>().await,
-                        Some(d) if !d.is_zero() => tokio::time::sleep(d).await,
-                        Some(_) => {}
-                    }
-                    let id = n.fetch_add(1, Ordering::SeqCst);
-                    (
-                        StatusCode::CREATED,
-                        axum::Json(
-                            serde_json::json!({"order_id": id, "status": "new", "fills": []}),
-                        ),
-                    )
-                }
-            }),
-        )
-        .route(
-            "/v1/orders/{id}",
-            delete(|| async { axum::Json(serde_json::json!({"status": "cancelled"})) }),
-        );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let r = received.clone();
+    let url = common::fake_gateway(
+        Arc::new(move || {
+            r.fetch_add(1, Ordering::SeqCst);
+            behaviour(started.elapsed())
+        }),
+        Arc::new(|| Some(Duration::ZERO)),
+    )
+    .await;
     Fake { url, received }
 }
 
