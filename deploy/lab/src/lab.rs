@@ -114,6 +114,11 @@ impl Lab {
         tokio::runtime::Handle::try_current()
             .context("Lab::new must be called inside a tokio runtime")?;
         let mut config = normalise(config)?;
+        for c in Component::ALL {
+            if !config.components.contains(c) {
+                let _ = config.ports.release(c);
+            }
+        }
         let old = refuse_busy_root(&config)?;
         let mut problems: Vec<String> = config
             .components

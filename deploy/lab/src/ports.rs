@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
@@ -43,13 +44,46 @@ impl FromStr for PortsMode {
 }
 
 /// Port of every named port of every component.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PortPlan {
     ports: BTreeMap<Component, BTreeMap<String, u16>>,
     /// Ports picked as free (not fixed, not set by the caller): another free one may replace
     /// such a port when something else takes it before its component starts.
     #[serde(skip)]
     picked: BTreeSet<(Component, String)>,
+    /// The listeners that keep picked ports taken until their component starts (clones of the
+    /// plan share them); see [`PortPlan::release`].
+    #[serde(skip)]
+    reserved: Reservations,
+}
+
+impl PartialEq for PortPlan {
+    /// Two plans are equal when they assign the same ports; who still holds them does not count.
+    fn eq(&self, other: &Self) -> bool {
+        self.ports == other.ports && self.picked == other.picked
+    }
+}
+
+impl Eq for PortPlan {}
+
+/// Listeners bound to picked ports, by component and port name. Without them a picked port
+/// is free from the pick until its component binds it — seconds for the components that start
+/// after RabbitMQ — and another process that picks free ports (a parallel lab) can take it.
+#[derive(Clone, Default)]
+struct Reservations(Arc<Mutex<BTreeMap<(Component, String), TcpListener>>>);
+
+impl Reservations {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(Component, String), TcpListener>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl std::fmt::Debug for Reservations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.lock().keys()).finish()
+    }
 }
 
 impl PortPlan {
@@ -70,15 +104,17 @@ impl PortPlan {
         PortPlan {
             ports,
             picked: BTreeSet::new(),
+            reserved: Reservations::default(),
         }
     }
 
-    /// Free ports for every port of every component, all distinct. All listeners are held
-    /// until every port is chosen, so no port is handed out twice. The ports lie below the
+    /// Free ports for every port of every component, all distinct. Each stays bound by a
+    /// listener of this plan until its component starts ([`PortPlan::release`]), so nobody
+    /// else takes it meanwhile and no port is handed out twice. The ports lie below the
     /// kernel's ephemeral range (`net.ipv4.ip_local_port_range`) when there is room, so no
-    /// outgoing connection takes one before its component starts.
+    /// outgoing connection takes one either.
     pub fn ephemeral() -> Result<Self> {
-        let mut held = Vec::new();
+        let reserved = Reservations::default();
         let mut ports = BTreeMap::new();
         let mut picked = BTreeSet::new();
         for c in Component::ALL {
@@ -87,11 +123,42 @@ impl PortPlan {
                 let (listener, port) = pick_free()?;
                 named.insert(p.name.to_string(), port);
                 picked.insert((c, p.name.to_string()));
-                held.push(listener);
+                reserved.lock().insert((c, p.name.to_string()), listener);
             }
             ports.insert(c, named);
         }
-        Ok(PortPlan { ports, picked })
+        Ok(PortPlan {
+            ports,
+            picked,
+            reserved,
+        })
+    }
+
+    /// Closes the listeners that held `component`'s picked ports, so that it can bind them,
+    /// and returns those ports' names: the lab calls this just before it starts the component.
+    /// Nothing to do for fixed or set ports, or a second time.
+    ///
+    /// A child process forked (by any thread) while a listener was open keeps a copy of it
+    /// until it executes its program: for that moment the port can still look taken.
+    pub fn release(&self, component: Component) -> Vec<String> {
+        let mut reserved = self.reserved.lock();
+        let names: Vec<String> = reserved
+            .keys()
+            .filter(|(c, _)| *c == component)
+            .map(|(_, name)| name.clone())
+            .collect();
+        for name in &names {
+            reserved.remove(&(component, name.clone()));
+        }
+        names
+    }
+
+    /// Whether this plan still holds the port called `name` of `component` (see
+    /// [`PortPlan::release`]).
+    pub fn is_reserved(&self, component: Component, name: &str) -> bool {
+        self.reserved
+            .lock()
+            .contains_key(&(component, name.to_string()))
     }
 
     /// Whether this port was picked as free (see [`PortPlan::ephemeral`]) and nobody set it since.
@@ -122,6 +189,9 @@ impl PortPlan {
                     .entry(component)
                     .or_default()
                     .insert(name.to_string(), port);
+                self.reserved
+                    .lock()
+                    .insert((component, name.to_string()), listener);
                 return Ok(port);
             }
             // Held until a distinct port comes up, so the kernel cannot return it again;
@@ -157,6 +227,7 @@ impl PortPlan {
     /// Overrides one port (from then on it is never replaced, see [`PortPlan::repick`]).
     pub fn set(&mut self, component: Component, name: &str, port: u16) {
         self.picked.remove(&(component, name.to_string()));
+        self.reserved.lock().remove(&(component, name.to_string()));
         self.ports
             .entry(component)
             .or_default()
@@ -168,7 +239,8 @@ impl PortPlan {
         self.ports.get(&component).cloned().unwrap_or_default()
     }
 
-    /// Fails with [`LabError::PortInUse`] if any port of `component` cannot be bound now.
+    /// Fails with [`LabError::PortInUse`] if any port of `component` cannot be bound now (a
+    /// port this plan still holds for it counts as free).
     pub fn check_free(&self, component: Component) -> Result<()> {
         self.check_free_except(component, &[])
     }
@@ -176,7 +248,7 @@ impl PortPlan {
     /// Same as [`PortPlan::check_free`], skipping the ports named in `skip`.
     pub fn check_free_except(&self, component: Component, skip: &[&str]) -> Result<()> {
         for (name, port) in self.of(component) {
-            if skip.contains(&name.as_str()) {
+            if skip.contains(&name.as_str()) || self.is_reserved(component, &name) {
                 continue;
             }
             // std sets SO_REUSEADDR, so sockets in TIME_WAIT from a previous run do not count.
@@ -289,6 +361,41 @@ mod tests {
     }
 
     #[test]
+    fn picked_ports_stay_taken_until_their_component_is_released() {
+        let plan = PortPlan::ephemeral().expect("picking free ports on loopback");
+        let copy = plan.clone();
+        let pg = plan.primary(Component::Postgres).expect("postgres port");
+        let engine = plan
+            .primary(Component::MatchingEngine)
+            .expect("engine port");
+        let bind = |port: u16| TcpListener::bind((LOOPBACK, port));
+        assert!(bind(pg).is_err(), "{pg} must stay held by the plan");
+        plan.check_free(Component::Postgres)
+            .expect("a port the plan holds counts as free");
+        // Clones share the listeners: the lab's copy releases what the caller's copy picked.
+        copy.release(Component::Postgres);
+        assert!(!plan.is_reserved(Component::Postgres, "postgres"));
+        let pg_listener = bind(pg).expect("released: the component can bind it");
+        assert!(
+            bind(engine).is_err(),
+            "{engine}: other components' ports are still held"
+        );
+        // Now someone else has it: the check says so.
+        let err = plan
+            .check_free(Component::Postgres)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains(&pg.to_string()), "{err}");
+        drop(pg_listener);
+        // A port the caller sets is not held.
+        let mut plan = plan;
+        plan.set(Component::MatchingEngine, "http", engine);
+        assert!(!plan.is_reserved(Component::MatchingEngine, "http"));
+        drop(bind(engine).expect("a set port is the caller's"));
+    }
+
+    #[test]
     fn a_taken_port_names_port_and_component() {
         let listener = TcpListener::bind((LOOPBACK, 0)).expect("bind");
         let port = listener.local_addr().expect("addr").port();
@@ -309,7 +416,8 @@ mod tests {
     fn only_picked_ports_are_replaced_and_the_replacement_is_free_and_distinct() {
         let mut plan = PortPlan::ephemeral().expect("picking free ports on loopback");
         let old = plan.primary(Component::Postgres).expect("postgres port");
-        // Someone takes the picked port before PostgreSQL starts.
+        // Someone takes the picked port once the plan no longer holds it.
+        plan.release(Component::Postgres);
         let thief = TcpListener::bind((LOOPBACK, old));
         assert!(plan.is_picked(Component::Postgres, "postgres"));
         let new = plan
@@ -317,6 +425,8 @@ mod tests {
             .expect("another free port");
         assert_ne!(new, old);
         assert_eq!(plan.primary(Component::Postgres).ok(), Some(new));
+        assert!(plan.is_reserved(Component::Postgres, "postgres"));
+        plan.release(Component::Postgres);
         plan.check_free(Component::Postgres)
             .expect("the new port is free");
         let all: Vec<u16> = Component::ALL

@@ -47,6 +47,10 @@ const CONTROL_QUEUE: usize = 16;
 /// Extra time the readiness check gets past its own deadline before it is cut off.
 const READINESS_GRACE: Duration = Duration::from_secs(2);
 
+/// How long a port the plan held for a component may stay taken after the plan let go of it
+/// (see `Task::spawn`).
+const RELEASE_GRACE: Duration = Duration::from_secs(2);
+
 /// How long to wait for the leftovers of a component killed through its cgroups to be gone.
 const SWEEP_WAIT: Duration = Duration::from_secs(5);
 
@@ -437,9 +441,23 @@ impl Task {
 
     async fn spawn(&mut self) -> anyhow::Result<Run> {
         let cfg = &self.shared.cfg;
-        // Helper ports (epmd) are held by our own helper across restarts.
-        cfg.check_ports_free(self.comp, self.recipe.helper_ports())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Picked ports are held by the plan until now, so that nobody takes them meanwhile.
+        let released = cfg.ports.release(self.comp);
+        let deadline = Instant::now() + RELEASE_GRACE;
+        loop {
+            // Helper ports (epmd) are held by our own helper across restarts.
+            match cfg.check_ports_free(self.comp, self.recipe.helper_ports()) {
+                Ok(()) => break,
+                // A child that another component's start forked this very moment holds a copy
+                // of the listener just closed, until it executes its program.
+                Err(LabError::PortInUse { name, .. })
+                    if released.contains(&name) && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => return Err(anyhow::anyhow!("{e}")),
+            }
+        }
         self.recipe.before_spawn(&self.ctx, &self.shared).await?;
         let deadline = Instant::now() + cfg.ready_timeout(self.comp);
         let check = self.recipe.readiness(&self.ctx, deadline)?;

@@ -577,6 +577,9 @@ async fn a_picked_port_taken_meanwhile_is_replaced() {
         .find_map(|_| {
             let config = LabConfig::ephemeral(tmp.path(), [Component::Prometheus]).expect("ports");
             let picked = config.ports.primary(Component::Prometheus).expect("port");
+            // The plan holds its picked ports until their component starts; let go of this
+            // one early, as if something had taken it while another component started.
+            config.ports.release(Component::Prometheus);
             let thief = std::net::TcpListener::bind(("127.0.0.1", picked)).ok()?;
             Some((config, picked, thief))
         })
