@@ -230,6 +230,7 @@ pub async fn run(
         seed: 7,
         request_timeout: Duration::from_secs(5),
         max_in_flight: 10_000,
+        batch: 1,
         client_id_prefix: format!("chaos-cap-{prefix}-{started}"),
     };
     let capacity = exp.evidence.capacity && !opts.quick;
@@ -261,6 +262,7 @@ pub async fn run(
         summary: Some(dir.join("load-summary.json")),
         request_timeout: Duration::from_secs(10),
         max_in_flight: 10_000,
+        batch: 1,
         progress: false,
     };
     let load_start_ms = now_ms();

@@ -31,6 +31,7 @@ async fn the_audit_catches_lost_duplicated_and_unexpected_orders() {
             summary: None,
             request_timeout: Duration::from_secs(10),
             max_in_flight: 1_000,
+            batch: 1,
             progress: false,
         },
         std::future::pending(),

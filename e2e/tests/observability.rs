@@ -869,6 +869,7 @@ async fn every_dashboard_query_returns_data_under_load() {
             summary: Some(dir.join("obs.summary.json")),
             request_timeout: Duration::from_secs(10),
             max_in_flight: 2_000,
+            batch: 1,
             progress: false,
         },
         async move {

@@ -47,6 +47,7 @@ impl Ctx {
             summary: Some(self.dir.join(format!("{name}.summary.json"))),
             request_timeout: Duration::from_secs(10),
             max_in_flight: 5_000,
+            batch: 1,
             progress: false,
         }
     }
@@ -101,6 +102,7 @@ async fn the_exchange_end_to_end() {
     std::fs::create_dir_all(&ctx.dir).unwrap();
 
     happy_path(&ctx).await;
+    batched(&ctx).await;
     idempotency(&ctx).await;
     bad_input(&ctx).await;
     engine_killed_mid_stream(&ctx).await;
@@ -145,6 +147,26 @@ async fn happy_path(ctx: &Ctx) {
     );
     assert!(
         r.acknowledged >= 9_000,
+        "most orders are new orders: {}",
+        r.acknowledged
+    );
+}
+
+async fn batched(ctx: &Ctx) {
+    eprintln!(
+        "== batched: 9,000 orders at 3,000/s, those due together in one POST /v1/orders/batch"
+    );
+    let mut spec = ctx.load("batched", 3000.0, 3.0, 5);
+    spec.batch = 20;
+    let s = loadgen::run::run(spec, std::future::pending())
+        .await
+        .unwrap();
+    eprint!("{}", s.table());
+    assert_eq!(s.sent, 9_000, "{}", s.table());
+    assert_eq!(s.error_rate, 0.0, "{}", s.table());
+    let r = ctx.audit("batched").await;
+    assert!(
+        r.acknowledged >= 8_000,
         "most orders are new orders: {}",
         r.acknowledged
     );

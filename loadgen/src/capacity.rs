@@ -45,6 +45,8 @@ pub struct CapacitySpec {
     pub seed: u64,
     pub request_timeout: Duration,
     pub max_in_flight: usize,
+    /// Most new orders per request (see [`RunSpec::batch`]).
+    pub batch: usize,
     /// Prefix for each step's client order ids (`<prefix>-<rate>`).
     pub client_id_prefix: String,
 }
@@ -183,6 +185,7 @@ async fn step(spec: &CapacitySpec, rate: f64, n: usize) -> anyhow::Result<Step> 
         summary: None,
         request_timeout: spec.request_timeout,
         max_in_flight: spec.max_in_flight,
+        batch: spec.batch,
         progress: false,
     };
     let summary = run(run_spec, std::future::pending()).await?;

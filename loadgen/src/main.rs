@@ -69,6 +69,10 @@ struct CapacityArgs {
     /// broken (one stall of a shared host should not end the search; 0: the first break decides).
     #[arg(long, default_value_t = 1)]
     confirm: u32,
+    /// Most new orders per request: orders due at the same moment go to the gateway as one
+    /// `POST /v1/orders/batch` of up to this many (1: one `POST /v1/orders` each; at most 100).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     #[arg(
         long,
         value_delimiter = ',',
@@ -122,6 +126,10 @@ struct RunArgs {
     /// Most requests outstanding at once; orders beyond it are recorded as dropped.
     #[arg(long, default_value_t = 20_000)]
     max_in_flight: usize,
+    /// Most new orders per request: orders due at the same moment go to the gateway as one
+    /// `POST /v1/orders/batch` of up to this many (1: one `POST /v1/orders` each; at most 100).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -180,6 +188,7 @@ async fn main() -> anyhow::Result<()> {
                 summary: Some(a.summary.clone()),
                 request_timeout: a.timeout,
                 max_in_flight: a.max_in_flight,
+                batch: a.batch,
                 progress: !a.quiet,
             };
             let stop = async {
@@ -214,6 +223,7 @@ async fn main() -> anyhow::Result<()> {
                 seed: a.seed,
                 request_timeout: Duration::from_secs(10),
                 max_in_flight: 20_000,
+                batch: a.batch,
                 client_id_prefix: format!("cap{}-{}", a.seed, unix_secs()),
             };
             let report = loadgen::capacity::search(&spec, |s| {

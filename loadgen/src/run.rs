@@ -31,9 +31,16 @@ pub struct RunSpec {
     pub summary: Option<PathBuf>,
     pub request_timeout: Duration,
     pub max_in_flight: usize,
+    /// Most new orders per request: orders that come due together (above 1,000 orders/s the
+    /// pacer hands them over in groups, once a millisecond) go to the gateway as one
+    /// `POST /v1/orders/batch` of up to this many. 1: one `POST /v1/orders` per order.
+    pub batch: usize,
     /// Show a live progress bar on stderr.
     pub progress: bool,
 }
+
+/// The most orders the gateway takes in one `POST /v1/orders/batch`.
+pub const MAX_BATCH: usize = 100;
 
 impl RunSpec {
     /// Checks the numbers, naming the flag at fault.
@@ -50,6 +57,11 @@ impl RunSpec {
             self.target
         );
         anyhow::ensure!(self.max_in_flight > 0, "--max-in-flight must be positive");
+        anyhow::ensure!(
+            (1..=MAX_BATCH).contains(&self.batch),
+            "--batch must be between 1 and {MAX_BATCH} (the gateway's limit per request), got {}",
+            self.batch
+        );
         Ok(())
     }
 }
@@ -170,10 +182,14 @@ pub async fn run_watched(
     let orders_url =
         reqwest::Url::parse(&format!("{}/v1/orders", spec.target.trim_end_matches('/')))
             .with_context(|| format!("target {:?} is not a URL", spec.target))?;
+    let batch_url = orders_url
+        .join("orders/batch")
+        .context("building the batch URL")?;
     let pacer = Pacer::start(start, spec.rate_per_sec, planned);
     let mut ticks = pacer.ticks;
+    let mut due_now = Vec::with_capacity(spec.batch);
     loop {
-        let (i, due) = tokio::select! {
+        let first = tokio::select! {
             biased;
             _ = &mut stop => { interrupted = true; break; }
             tick = ticks.recv() => match tick {
@@ -181,39 +197,76 @@ pub async fn run_watched(
                 None => break,
             },
         };
+        // Orders the pacer has already handed over are due now: up to `batch` go together.
+        due_now.clear();
+        due_now.push(first);
+        while due_now.len() < spec.batch {
+            match ticks.try_recv() {
+                Ok(tick) => due_now.push(tick),
+                Err(_) => break,
+            }
+        }
         // Reap finished tasks so the set does not grow.
         while tasks.try_join_next().is_some() {}
-        let intended_us = header.started_unix_us + (due - start).as_micros() as u64;
-        let second = (due - start).as_secs() as usize;
-        let command = {
-            let mut s = lock(&shared);
-            flow.next(&mut s.resting)
-        };
-        if tasks.len() >= spec.max_in_flight {
-            let entry = entry_for(&command, intended_us, 0, Outcome::Dropped);
-            lock(&shared).finish(entry, second);
-            continue;
+        let mut news = Vec::new();
+        for &(i, due) in &due_now {
+            let intended_us = header.started_unix_us + (due - start).as_micros() as u64;
+            let second = (due - start).as_secs() as usize;
+            let command = {
+                let mut s = lock(&shared);
+                flow.next(&mut s.resting)
+            };
+            if tasks.len() >= spec.max_in_flight {
+                let entry = entry_for(&command, intended_us, 0, Outcome::Dropped);
+                lock(&shared).finish(entry, second);
+                continue;
+            }
+            let now = Instant::now();
+            let sent_us = header.started_unix_us + (now - start).as_micros() as u64;
+            let late = now.saturating_duration_since(due) > Duration::from_millis(10);
+            {
+                let mut s = lock(&shared);
+                s.recorder.sent(late);
+                s.in_flight.insert(
+                    i,
+                    entry_for(&command, intended_us, sent_us, Outcome::Interrupted),
+                );
+            }
+            let sent = Sent { i, due, second };
+            match command {
+                FlowCommand::New { .. } if spec.batch > 1 => news.push((sent, command)),
+                command => {
+                    tasks.spawn(send(
+                        client.clone(),
+                        orders_url.clone(),
+                        command,
+                        sent,
+                        shared.clone(),
+                    ));
+                }
+            }
         }
-        let now = Instant::now();
-        let sent_us = header.started_unix_us + (now - start).as_micros() as u64;
-        let late = now.saturating_duration_since(due) > Duration::from_millis(10);
-        {
-            let mut s = lock(&shared);
-            s.recorder.sent(late);
-            s.in_flight.insert(
-                i,
-                entry_for(&command, intended_us, sent_us, Outcome::Interrupted),
-            );
+        match news.len() {
+            0 => {}
+            1 => {
+                let (sent, command) = news.pop().expect("one order");
+                tasks.spawn(send(
+                    client.clone(),
+                    orders_url.clone(),
+                    command,
+                    sent,
+                    shared.clone(),
+                ));
+            }
+            _ => {
+                tasks.spawn(send_batch(
+                    client.clone(),
+                    batch_url.clone(),
+                    news,
+                    shared.clone(),
+                ));
+            }
         }
-        tasks.spawn(send(
-            client.clone(),
-            orders_url.clone(),
-            command,
-            i,
-            due,
-            second,
-            shared.clone(),
-        ));
     }
     // Closing the channel stops the pacer.
     drop(ticks);
@@ -350,7 +403,7 @@ fn entry_for(
 }
 
 /// The parts of the gateway's answer the ledger keeps (the rest is skipped unparsed).
-#[derive(Default, serde::Deserialize)]
+#[derive(Clone, Default, serde::Deserialize)]
 struct Answer {
     #[serde(default)]
     status: Option<String>,
@@ -360,7 +413,7 @@ struct Answer {
     error: Option<AnswerError>,
 }
 
-#[derive(serde::Deserialize)]
+#[derive(Clone, serde::Deserialize)]
 struct AnswerError {
     #[serde(default)]
     code: Option<String>,
@@ -368,13 +421,115 @@ struct AnswerError {
     field: Option<String>,
 }
 
+/// Which order a request carries: its sequence number, due time and second of the run.
+#[derive(Clone, Copy)]
+struct Sent {
+    i: u64,
+    due: Instant,
+    second: usize,
+}
+
+/// The outcome a response's HTTP status means for the order(s) it answers.
+fn outcome_of(code: u16) -> Outcome {
+    match code {
+        200 | 201 => Outcome::Accepted,
+        202 => Outcome::Queued,
+        503 => Outcome::Shed,
+        400..=499 => Outcome::Rejected,
+        _ => Outcome::ServerError,
+    }
+}
+
+/// The outcome of a request that got no answer.
+fn failure_of(e: &reqwest::Error) -> Outcome {
+    if e.is_timeout() {
+        Outcome::Timeout
+    } else if e.is_connect() {
+        Outcome::ConnectError
+    } else {
+        Outcome::TransportError
+    }
+}
+
+/// `POST /v1/orders/batch` with these orders; each is answered in the ledger as if sent
+/// alone. When the batch as a whole is refused (4xx, 503) or fails, every order in it gets
+/// that outcome.
+async fn send_batch(
+    client: reqwest::Client,
+    batch_url: reqwest::Url,
+    orders: Vec<(Sent, FlowCommand)>,
+    shared: SharedRef,
+) {
+    #[derive(serde::Serialize)]
+    struct Batch<'a> {
+        orders: Vec<&'a serde_json::Value>,
+    }
+    #[derive(Default, serde::Deserialize)]
+    struct BatchAnswer {
+        #[serde(default)]
+        results: Vec<BatchResult>,
+    }
+    #[derive(serde::Deserialize)]
+    struct BatchResult {
+        http_status: u16,
+        #[serde(default)]
+        answer: Answer,
+    }
+    // Only new orders are batched (cancels go alone).
+    let body = Batch {
+        orders: orders
+            .iter()
+            .filter_map(|(_, command)| match command {
+                FlowCommand::New { body, .. } => Some(body),
+                FlowCommand::Cancel { .. } => None,
+            })
+            .collect(),
+    };
+    let result = client.post(batch_url).json(&body).send().await;
+    let mut answers: Vec<(Outcome, Option<u16>, Answer)> = match result {
+        Ok(resp) if resp.status().as_u16() == 200 => {
+            let answer: BatchAnswer = match resp.bytes().await {
+                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+                Err(_) => BatchAnswer::default(),
+            };
+            answer
+                .results
+                .into_iter()
+                .map(|r| (outcome_of(r.http_status), Some(r.http_status), r.answer))
+                .collect()
+        }
+        Ok(resp) => {
+            let code = resp.status().as_u16();
+            let answer: Answer = match resp.bytes().await {
+                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+                Err(_) => Answer::default(),
+            };
+            orders
+                .iter()
+                .map(|_| (outcome_of(code), Some(code), answer.clone()))
+                .collect()
+        }
+        Err(e) => orders
+            .iter()
+            .map(|_| (failure_of(&e), None, Answer::default()))
+            .collect(),
+    };
+    // An answer without a result for every order is the gateway's fault: a server error for
+    // the orders it left out.
+    answers.resize_with(orders.len(), || {
+        (Outcome::ServerError, Some(200), Answer::default())
+    });
+    let mut s = lock(&shared);
+    for ((sent, _), (outcome, http_status, answer)) in orders.into_iter().zip(answers) {
+        settle(&mut s, sent, outcome, http_status, answer);
+    }
+}
+
 async fn send(
     client: reqwest::Client,
     orders_url: reqwest::Url,
     command: FlowCommand,
-    i: u64,
-    due: Instant,
-    second: usize,
+    sent: Sent,
     shared: SharedRef,
 ) {
     let request = match &command {
@@ -394,22 +549,18 @@ async fn send(
                 Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
                 Err(_) => Answer::default(),
             };
-            let outcome = match code {
-                200 | 201 => Outcome::Accepted,
-                202 => Outcome::Queued,
-                503 => Outcome::Shed,
-                400..=499 => Outcome::Rejected,
-                _ => Outcome::ServerError,
-            };
-            (outcome, Some(code), body)
+            (outcome_of(code), Some(code), body)
         }
-        Err(e) if e.is_timeout() => (Outcome::Timeout, None, Answer::default()),
-        Err(e) if e.is_connect() => (Outcome::ConnectError, None, Answer::default()),
-        Err(_) => (Outcome::TransportError, None, Answer::default()),
+        Err(e) => (failure_of(&e), None, Answer::default()),
     };
-    let latency_us = due.elapsed().as_micros() as u64;
-    let mut s = lock(&shared);
-    let Some(mut entry) = s.in_flight.remove(&i) else {
+    settle(&mut lock(&shared), sent, outcome, http_status, body);
+}
+
+/// Records an order's answer: its ledger entry leaves `in_flight`, with the latency from its
+/// intended send time to now.
+fn settle(s: &mut Shared, sent: Sent, outcome: Outcome, http_status: Option<u16>, body: Answer) {
+    let latency_us = sent.due.elapsed().as_micros() as u64;
+    let Some(mut entry) = s.in_flight.remove(&sent.i) else {
         return;
     };
     entry.outcome = outcome;
@@ -430,5 +581,5 @@ async fn send(
             None => code,
         })
     });
-    s.finish(entry, second);
+    s.finish(entry, sent.second);
 }

@@ -84,6 +84,7 @@ fn spec(target: String, refine: u32, confirm: u32) -> CapacitySpec {
         seed: 5,
         request_timeout: Duration::from_secs(5),
         max_in_flight: 10_000,
+        batch: 1,
         client_id_prefix: "cap-test".into(),
     }
 }

@@ -52,6 +52,7 @@ fn spec(target: &str, rate: f64, duration: Duration, dir: &std::path::Path) -> R
         summary: Some(dir.join("summary.json")),
         request_timeout: Duration::from_secs(5),
         max_in_flight: 10_000,
+        batch: 1,
         progress: false,
     }
 }
@@ -91,6 +92,50 @@ async fn sends_the_planned_rate() {
             .unwrap();
     assert_eq!(summary["schema"], "loadgen.summary/v1");
     assert_eq!(summary["per_second"].as_array().unwrap().len(), 5);
+}
+
+/// `--batch 20` at 5,000 orders/s: the orders that come due together leave as one request
+/// (the pacer wakes once a millisecond, so ~5 per request), every order has its own ledger
+/// entry with the id the gateway gave it, and none left early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_due_together_go_as_one_batch() {
+    let fake = fake_gateway(Arc::new(|_| Some(Duration::ZERO))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = spec(&fake.url, 5000.0, Duration::from_secs(2), dir.path());
+    spec.batch = 20;
+    let s = run(spec, std::future::pending()).await.unwrap();
+    assert_eq!(s.sent, 10_000, "{}", s.table());
+    assert_eq!(s.outcomes.get("accepted"), Some(&10_000), "{}", s.table());
+    assert_eq!(fake.received.load(Ordering::SeqCst), 10_000);
+    let batches = common::BATCH_REQUESTS.load(Ordering::SeqCst);
+    assert!(
+        (500..=5_000).contains(&batches),
+        "{batches} batch requests for 10,000 orders at most 20 each, due ~5 a millisecond"
+    );
+    let l = ledger::read(&dir.path().join("ledger.jsonl")).unwrap();
+    assert_eq!(l.entries.len(), 10_000);
+    let mut ids: Vec<u64> = l.entries.iter().filter_map(|e| e.order_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 10_000, "every order has its own id");
+    assert!(l.entries.iter().all(|e| e.sent_us >= e.intended_us));
+
+    let mut bad = spec_with_batch(&fake.url, dir.path(), 101);
+    assert!(
+        run(bad.clone(), std::future::pending())
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("--batch must be between 1 and 100")
+    );
+    bad.batch = 0;
+    assert!(run(bad, std::future::pending()).await.is_err());
+}
+
+fn spec_with_batch(target: &str, dir: &std::path::Path, batch: usize) -> RunSpec {
+    let mut s = spec(target, 10.0, Duration::from_secs(1), dir);
+    s.batch = batch;
+    s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

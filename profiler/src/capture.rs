@@ -258,6 +258,7 @@ fn start_load(
         summary: Some(dir.join("load.json")),
         request_timeout: Duration::from_secs(10),
         max_in_flight: 20_000,
+        batch: 1,
         progress: false,
     };
     spec.validate()?;

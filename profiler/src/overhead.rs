@@ -493,6 +493,7 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
         summary: None,
         request_timeout: Duration::from_secs(10),
         max_in_flight: 20_000,
+        batch: 1,
         progress: false,
     };
     spec.validate()?;

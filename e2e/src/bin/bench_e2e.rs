@@ -45,8 +45,95 @@ struct Args {
     /// Messages / rows for each ceiling measurement.
     #[arg(long, default_value_t = 50_000)]
     ceiling_items: usize,
+    /// After the search with one order per request, a second with up to this many orders per
+    /// `POST /v1/orders/batch` (the orders that come due together); 1: skip it.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=100))]
+    batch: u16,
     #[arg(long, default_value = "target/bench/e2e.json")]
     out: PathBuf,
+}
+
+/// One capacity search and where its CPU went.
+struct CapacityRun {
+    report: loadgen::capacity::CapacityReport,
+    /// The highest rate that held.
+    best: Option<Step>,
+    cpu_at_best: Option<StepCpu>,
+    cpu_by_step: Vec<StepCpu>,
+}
+
+/// The capacity search against `gateway`, `batch` orders at most per request, reading each
+/// step's CPU (every component's process tree, this process — the load generator — and the
+/// host) before and after.
+async fn capacity_run(
+    args: &Args,
+    lab: &Lab,
+    gateway: &str,
+    symbols: &[String],
+    batch: usize,
+) -> anyhow::Result<CapacityRun> {
+    let roots: Vec<(String, i32)> = Component::ALL
+        .iter()
+        .filter_map(|c| lab.pid(*c).map(|p| (c.name().to_string(), p)))
+        .collect();
+    let mut last = CpuReading::now(&roots);
+    let mut cpu_by_step: Vec<StepCpu> = Vec::new();
+    let step_s = args.step.as_secs_f64();
+    let report = search(
+        &CapacitySpec {
+            target: gateway.to_string(),
+            start_rate: args.start_rate,
+            factor: 1.6,
+            max_rate: 100_000.0,
+            step: args.step,
+            max_p99: args.max_p99,
+            max_error_rate: 0.001,
+            baseline_rate: 30.0,
+            refine: 3,
+            confirm: 1,
+            symbols: symbols.to_vec(),
+            seed: 2,
+            request_timeout: Duration::from_secs(10),
+            max_in_flight: 20_000,
+            batch,
+            client_id_prefix: format!("bench-cap{batch}-{}", std::process::id()),
+        },
+        |s| {
+            let now = CpuReading::now(&roots);
+            let cpu = StepCpu::between(&last, &now, s, step_s);
+            last = now;
+            eprintln!(
+                "  {:>8.0}/s  achieved {:>8.1}/s  p99 {:>8.2} ms  errors {:.2}%  host {:>3.0}% busy  {}",
+                s.rate_per_sec,
+                s.achieved_rate_per_sec,
+                s.ack_p99_ms,
+                s.error_rate * 100.0,
+                cpu.host_busy_pct,
+                s.verdict()
+            );
+            cpu_by_step.push(cpu);
+        },
+    )
+    .await?;
+    let best = report
+        .steps
+        .iter()
+        .filter(|s| s.sustained)
+        .max_by(|a, b| a.rate_per_sec.total_cmp(&b.rate_per_sec))
+        .cloned();
+    let cpu_at_best = best.as_ref().and_then(|b| {
+        cpu_by_step
+            .iter()
+            .rev()
+            .find(|c| c.sustained && c.rate_per_sec == b.rate_per_sec)
+            .cloned()
+    });
+    Ok(CapacityRun {
+        report,
+        best,
+        cpu_at_best,
+        cpu_by_step,
+    })
 }
 
 /// CPU seconds so far: each component's process tree, this process, the host.
@@ -261,6 +348,7 @@ async fn main() -> anyhow::Result<()> {
             summary: None,
             request_timeout: Duration::from_secs(10),
             max_in_flight: 10_000,
+            batch: 1,
             progress: false,
         },
         std::future::pending(),
@@ -269,66 +357,25 @@ async fn main() -> anyhow::Result<()> {
     eprint!("{}", demo.table());
 
     eprintln!(
-        "capacity search: highest rate with ack p99 < {:?} ...",
+        "capacity search: highest rate with ack p99 < {:?}, one order per request ...",
         args.max_p99
     );
-    // Where each step's CPU went: every component's process tree, this process (the load
-    // generator), and the host.
-    let roots: Vec<(String, i32)> = Component::ALL
-        .iter()
-        .filter_map(|c| lab.pid(*c).map(|p| (c.name().to_string(), p)))
-        .collect();
-    let mut last = CpuReading::now(&roots);
-    let mut cpu_by_step: Vec<StepCpu> = Vec::new();
-    let step_s = args.step.as_secs_f64();
-    let cap = search(
-        &CapacitySpec {
-            target: gateway.clone(),
-            start_rate: args.start_rate,
-            factor: 1.6,
-            max_rate: 100_000.0,
-            step: args.step,
-            max_p99: args.max_p99,
-            max_error_rate: 0.001,
-            baseline_rate: 30.0,
-            refine: 3,
-            confirm: 1,
-            symbols: symbols.clone(),
-            seed: 2,
-            request_timeout: Duration::from_secs(10),
-            max_in_flight: 20_000,
-            client_id_prefix: format!("bench-cap-{}", std::process::id()),
-        },
-        |s| {
-            let now = CpuReading::now(&roots);
-            let cpu = StepCpu::between(&last, &now, s, step_s);
-            last = now;
-            eprintln!(
-                "  {:>8.0}/s  achieved {:>8.1}/s  p99 {:>8.2} ms  errors {:.2}%  host {:>3.0}% busy  {}",
-                s.rate_per_sec,
-                s.achieved_rate_per_sec,
-                s.ack_p99_ms,
-                s.error_rate * 100.0,
-                cpu.host_busy_pct,
-                s.verdict()
-            );
-            cpu_by_step.push(cpu);
-        },
-    )
-    .await?;
-    let best = cap
-        .steps
-        .iter()
-        .filter(|s| s.sustained)
-        .max_by(|a, b| a.rate_per_sec.total_cmp(&b.rate_per_sec))
-        .cloned();
-    let cpu_at_best = best.as_ref().and_then(|b| {
-        cpu_by_step
-            .iter()
-            .rev()
-            .find(|c| c.sustained && c.rate_per_sec == b.rate_per_sec)
-            .cloned()
-    });
+    let single = capacity_run(&args, &lab, &gateway, &symbols, 1).await?;
+    let batched = if args.batch > 1 {
+        eprintln!(
+            "capacity search: the same, up to {} orders per POST /v1/orders/batch ...",
+            args.batch
+        );
+        Some(capacity_run(&args, &lab, &gateway, &symbols, usize::from(args.batch)).await?)
+    } else {
+        None
+    };
+    let CapacityRun {
+        report: cap,
+        best,
+        cpu_at_best,
+        cpu_by_step,
+    } = single;
 
     // Rows written per acknowledged order, to turn PostgreSQL rows/s into orders/s.
     let pool = sqlx::PgPool::connect(&database).await?;
@@ -385,6 +432,17 @@ async fn main() -> anyhow::Result<()> {
         "capacity": cap,
         "cpu_at_sustained": cpu_at_best,
         "cpu_by_step": cpu_by_step,
+        "batched": batched.as_ref().map(|b| json!({
+            "max_orders_per_request": args.batch,
+            "orders_per_sec": b.report.sustainable_rate_per_sec,
+            "achieved_orders_per_sec": b.best.as_ref().map(|s| s.achieved_rate_per_sec),
+            "p50_ms": b.best.as_ref().map(|s| s.ack_p50_ms),
+            "p99_ms": b.best.as_ref().map(|s| s.ack_p99_ms),
+            "ratio_to_ceiling": if ceiling > 0.0 { (b.report.sustainable_rate_per_sec / ceiling * 1000.0).round() / 1000.0 } else { 0.0 },
+            "capacity": b.report,
+            "cpu_at_sustained": b.cpu_at_best,
+            "cpu_by_step": b.cpu_by_step,
+        })),
         "targets": {"orders_per_sec": 20_000, "p99_ms": 20, "ratio_to_ceiling": 0.5, "demo_p99_ms": 5},
     });
     println!("end-to-end benchmark (whole pipeline on this machine, load generator included):");
@@ -400,6 +458,23 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(c) = &cpu_at_best {
         println!("    {}", c.line());
+    }
+    if let Some(b) = &batched {
+        println!(
+            "  sustained with up to {} orders per request (POST /v1/orders/batch): {:.0} orders/s ({:.1}% of the ceiling)",
+            args.batch,
+            b.report.sustainable_rate_per_sec,
+            b.report.sustainable_rate_per_sec / ceiling.max(1.0) * 100.0
+        );
+        if let Some(s) = &b.best {
+            println!(
+                "    at that rate: p50 {:.2} ms, p99 {:.2} ms",
+                s.ack_p50_ms, s.ack_p99_ms
+            );
+        }
+        if let Some(c) = &b.cpu_at_best {
+            println!("    {}", c.line());
+        }
     }
     println!(
         "  demo load 30/s: p50 {:.2} ms, p99 {:.2} ms",

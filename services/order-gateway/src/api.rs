@@ -33,6 +33,7 @@ pub const ADMIN_ROUTES: &[(&str, &str)] =
 pub fn api_routes() -> Vec<(Method, &'static str, MethodRouter<Gateway>)> {
     vec![
         (Method::POST, "/v1/orders", post(create_order)),
+        (Method::POST, "/v1/orders/batch", post(create_orders)),
         (Method::GET, "/v1/orders/{order_id}", get(get_order)),
         (
             Method::DELETE,
@@ -118,9 +119,54 @@ fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 /// `POST /v1/orders`.
 async fn create_order(State(gw): State<Gateway>, body: Body) -> Result<Response, AppError> {
     let bytes = read_body(body, gw.config().http.body_limit_bytes).await?;
-    let order = parse::new_order(&bytes, gw.catalog())
+    submit_one(&gw, &bytes).await
+}
+
+/// One order's body, validated and submitted: the whole of `POST /v1/orders`.
+async fn submit_one(gw: &Gateway, body: &[u8]) -> Result<Response, AppError> {
+    let order = parse::new_order(body, gw.catalog())
         .inspect_err(|_| crate::gateway::count_rejected("validation"))?;
     gw.submit(order).await
+}
+
+/// Most orders one `POST /v1/orders/batch` may carry.
+pub const MAX_BATCH_ORDERS: usize = 100;
+
+/// `POST /v1/orders/batch`: `{"orders": [...]}`, up to [`MAX_BATCH_ORDERS`] orders, each
+/// handled exactly as `POST /v1/orders` handles it alone (validation, idempotency, the engine
+/// or the retry queue), all at once: they reach the engine together, in as few calls as the
+/// batching allows. `200` with `{"results": [{"http_status": 201, "answer": {...}}, ...]}`, one
+/// result per order in request order, each the status and body `POST /v1/orders` would have
+/// answered; one order's error does not affect the others. No order is guaranteed to reach the
+/// engine before another of the same batch. A body that cannot be split into orders is
+/// answered as a whole (400, 413, 422 naming `orders`).
+async fn create_orders(State(gw): State<Gateway>, body: Body) -> Result<Response, AppError> {
+    let bytes = read_body(body, gw.config().http.body_limit_bytes).await?;
+    let orders = parse::order_batch(&bytes, MAX_BATCH_ORDERS)?;
+    let results = futures_util::future::join_all(orders.iter().map(|raw| async {
+        let response = submit_one(&gw, raw.get().as_bytes())
+            .await
+            .unwrap_or_else(IntoResponse::into_response);
+        let status = response.status().as_u16();
+        // Every answer is a JSON body of ours, already in memory.
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap_or_default();
+        (status, body)
+    }))
+    .await;
+    let mut out = Vec::with_capacity(16 + results.iter().map(|(_, b)| b.len() + 32).sum::<usize>());
+    out.extend_from_slice(b"{\"results\":[");
+    for (i, (status, body)) in results.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(format!("{{\"http_status\":{status},\"answer\":").as_bytes());
+        out.extend_from_slice(if body.is_empty() { b"null" } else { body });
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"]}");
+    Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
 }
 
 /// The `{order_id}` path segment, or a 400 naming `order_id`.

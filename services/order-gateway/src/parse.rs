@@ -12,6 +12,7 @@
 
 use crate::error::AppError;
 use domain::{Catalog, ErrorCode, NewOrder, NewOrderRequest, OrderId, ValidationError};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// The fields of `POST /v1/orders`, in wire order.
@@ -39,6 +40,45 @@ pub fn new_order(body: &[u8], catalog: &Catalog) -> Result<NewOrder, AppError> {
     };
     let request = request_from_object(&object)?;
     Ok(request.validate(catalog, OrderId(0))?)
+}
+
+/// Splits a `POST /v1/orders/batch` body, `{"orders": [order, ...]}`, into its orders, each
+/// left unparsed for [`new_order`] (so that each is validated, and answered, on its own).
+/// Not JSON or not an object → 400; `orders` missing, not an array, empty or longer than
+/// `max` → 422 naming `orders`; any other field → 422 naming it.
+pub fn order_batch(body: &[u8], max: usize) -> Result<Vec<&RawValue>, AppError> {
+    let object: std::collections::BTreeMap<String, &RawValue> = serde_json::from_slice(body)
+        .map_err(|e| {
+            let what = if e.is_data() {
+                "request body must be a JSON object"
+            } else {
+                "request body is not valid JSON"
+            };
+            AppError::MalformedBody(format!("{what}: {e}"))
+        })?;
+    if let Some(field) = object.keys().find(|k| k.as_str() != "orders") {
+        return Err(AppError::UnknownField {
+            field: field.clone(),
+        });
+    }
+    let Some(&raw) = object.get("orders") else {
+        return Err(AppError::Invalid(ValidationError::new(
+            "orders",
+            ErrorCode::Missing,
+            format!("orders is required: an array of 1 to {max} orders"),
+        )));
+    };
+    let orders: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(|_| {
+        AppError::malformed_field("orders", "orders must be an array of order objects")
+    })?;
+    if orders.is_empty() || orders.len() > max {
+        return Err(AppError::Invalid(ValidationError::new(
+            "orders",
+            ErrorCode::OutOfRange,
+            format!("orders must hold 1 to {max} orders, not {}", orders.len()),
+        )));
+    }
+    Ok(orders)
 }
 
 /// Maps each known field with its JSON type; refuses unknown fields.

@@ -110,6 +110,96 @@ async fn after_eviction_the_engine_is_the_backstop() {
     gw.stop().await;
 }
 
+/// `POST /v1/orders/batch`: each order answered as `POST /v1/orders` would answer it alone,
+/// in request order; one order's error leaves the others alone; replays are idempotent; with
+/// the engine down the orders are queued; a body that is not a batch is refused as a whole.
+#[tokio::test]
+async fn a_batch_answers_each_order_as_if_sent_alone() {
+    let engine = FakeEngine::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start(config(dir.path(), engine.addr, closed_port())).await;
+
+    let mut off_grid = order("c-b2");
+    off_grid["price"] = json!("101.255");
+    let mut reused = order("c-b1");
+    reused["quantity"] = json!(11);
+    let batch = json!({"orders": [order("c-b1"), off_grid, order("c-b3"), reused]});
+    let (status, body) = gw.post_batch(&batch).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let results = body["results"].as_array().expect("results");
+    assert_eq!(results.len(), 4, "{body}");
+    assert_eq!(results[0]["http_status"], 201, "{body}");
+    assert_eq!(results[0]["answer"]["client_order_id"], "c-b1");
+    assert_eq!(results[1]["http_status"], 422, "{body}");
+    assert_eq!(results[1]["answer"]["error"]["field"], "price");
+    assert_eq!(results[1]["answer"]["error"]["code"], "off_tick_grid");
+    assert_eq!(results[2]["http_status"], 201, "{body}");
+    assert_eq!(results[2]["answer"]["client_order_id"], "c-b3");
+    // The same client_order_id with other content, in the same batch: 409 (or, if it was
+    // looked at first, c-b1 is the 409 and this one the 201: exactly one of each).
+    let statuses = [&results[0]["http_status"], &results[3]["http_status"]];
+    assert!(
+        statuses.contains(&&json!(201)) && statuses.contains(&&json!(409)),
+        "{body}"
+    );
+    let b1 = id_of(&results[0]["answer"]);
+    assert_ne!(b1, id_of(&results[2]["answer"]));
+    assert_eq!(
+        engine.state.received.lock().unwrap().len(),
+        2,
+        "c-b1 and c-b3"
+    );
+
+    // The same batch again: the same answers, nothing new reaches the engine.
+    let (status, again) = gw.post_batch(&batch).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["results"][0], results[0]);
+    assert_eq!(again["results"][2], results[2]);
+    assert_eq!(engine.state.received.lock().unwrap().len(), 2);
+
+    // The batch as a whole: what it must look like.
+    let too_many: Vec<Value> = (0..101).map(|i| order(&format!("c-m{i}"))).collect();
+    for (body, status, field, code) in [
+        (json!({"orders": []}), 422, "orders", "out_of_range"),
+        (json!({"orders": too_many}), 422, "orders", "out_of_range"),
+        (json!({}), 422, "orders", "missing"),
+        (json!({"orders": {}}), 422, "orders", "malformed"),
+        (
+            json!({"orders": [order("c-x")], "x": 1}),
+            422,
+            "x",
+            "unknown_field",
+        ),
+        (json!([order("c-y")]), 400, "body", "malformed"),
+    ] {
+        let (got, answer) = gw.post_batch(&body).await;
+        assert_eq!(got.as_u16(), status, "{body}: {answer}");
+        assert_eq!(answer["error"]["field"], field, "{answer}");
+        assert_eq!(answer["error"]["code"], code, "{answer}");
+    }
+    assert_eq!(engine.state.received.lock().unwrap().len(), 2);
+    gw.stop().await;
+
+    // With the engine down, a batch's orders are queued (202), each with its own id.
+    let dir = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start(config(dir.path(), closed_port(), closed_port())).await;
+    let (status, body) = gw
+        .post_batch(&json!({"orders": [order("c-q1"), order("c-q2")]}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for (i, r) in body["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(r["http_status"], 202, "{body}");
+        assert_eq!(r["answer"]["status"], "queued");
+        assert_eq!(r["answer"]["client_order_id"], format!("c-q{}", i + 1));
+    }
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn engine_down_queues_then_delivers_in_order_exactly_once() {
     let engine_addr = closed_port();

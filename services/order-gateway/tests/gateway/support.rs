@@ -147,6 +147,16 @@ impl TestGateway {
         (status, r.bytes().await.expect("body"))
     }
 
+    pub async fn post_batch(&self, body: &Value) -> (StatusCode, Value) {
+        let r = client()
+            .post(format!("{}/v1/orders/batch", self.url()))
+            .json(body)
+            .send()
+            .await
+            .expect("POST /v1/orders/batch");
+        answer(r).await
+    }
+
     pub async fn cancel(&self, id: &Value) -> (StatusCode, Value) {
         let r = client()
             .delete(format!("{}/v1/orders/{id}", self.url()))
