@@ -188,6 +188,15 @@ pub async fn run_watched(
     let pacer = Pacer::start(start, spec.rate_per_sec, planned);
     let mut ticks = pacer.ticks;
     let mut due_now = Vec::with_capacity(spec.batch);
+    let spawn_one = |tasks: &mut JoinSet<()>, command: FlowCommand, sent: Sent| {
+        tasks.spawn(send(
+            client.clone(),
+            orders_url.clone(),
+            command,
+            sent,
+            shared.clone(),
+        ));
+    };
     loop {
         let first = tokio::select! {
             biased;
@@ -235,37 +244,19 @@ pub async fn run_watched(
             let sent = Sent { i, due, second };
             match command {
                 FlowCommand::New { .. } if spec.batch > 1 => news.push((sent, command)),
-                command => {
-                    tasks.spawn(send(
-                        client.clone(),
-                        orders_url.clone(),
-                        command,
-                        sent,
-                        shared.clone(),
-                    ));
-                }
+                command => spawn_one(&mut tasks, command, sent),
             }
         }
-        match news.len() {
-            0 => {}
-            1 => {
-                let (sent, command) = news.pop().expect("one order");
-                tasks.spawn(send(
-                    client.clone(),
-                    orders_url.clone(),
-                    command,
-                    sent,
-                    shared.clone(),
-                ));
-            }
-            _ => {
-                tasks.spawn(send_batch(
-                    client.clone(),
-                    batch_url.clone(),
-                    news,
-                    shared.clone(),
-                ));
-            }
+        if news.len() == 1 {
+            let (sent, command) = news.remove(0);
+            spawn_one(&mut tasks, command, sent);
+        } else if !news.is_empty() {
+            tasks.spawn(send_batch(
+                client.clone(),
+                batch_url.clone(),
+                news,
+                shared.clone(),
+            ));
         }
     }
     // Closing the channel stops the pacer.

@@ -127,12 +127,20 @@ impl TestGateway {
     }
 
     pub async fn post_order(&self, body: &Value) -> (StatusCode, Value) {
+        self.post_json("/v1/orders", body).await
+    }
+
+    pub async fn post_batch(&self, body: &Value) -> (StatusCode, Value) {
+        self.post_json("/v1/orders/batch", body).await
+    }
+
+    async fn post_json(&self, path: &str, body: &Value) -> (StatusCode, Value) {
         let r = client()
-            .post(format!("{}/v1/orders", self.url()))
+            .post(format!("{}{path}", self.url()))
             .json(body)
             .send()
             .await
-            .expect("POST /v1/orders");
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
         answer(r).await
     }
 
@@ -145,16 +153,6 @@ impl TestGateway {
             .expect("POST /v1/orders");
         let status = r.status();
         (status, r.bytes().await.expect("body"))
-    }
-
-    pub async fn post_batch(&self, body: &Value) -> (StatusCode, Value) {
-        let r = client()
-            .post(format!("{}/v1/orders/batch", self.url()))
-            .json(body)
-            .send()
-            .await
-            .expect("POST /v1/orders/batch");
-        answer(r).await
     }
 
     pub async fn cancel(&self, id: &Value) -> (StatusCode, Value) {
