@@ -187,7 +187,6 @@ pub async fn run_watched(
         .context("building the batch URL")?;
     let pacer = Pacer::start(start, spec.rate_per_sec, planned);
     let mut ticks = pacer.ticks;
-    let mut due_now = Vec::with_capacity(spec.batch);
     let spawn_one = |tasks: &mut JoinSet<()>, command: FlowCommand, sent: Sent| {
         tasks.spawn(send(
             client.clone(),
@@ -198,65 +197,59 @@ pub async fn run_watched(
         ));
     };
     loop {
-        let first = tokio::select! {
+        // Everything that came due at one wake of the pacer: up to `batch` orders go together.
+        let due_group = tokio::select! {
             biased;
             _ = &mut stop => { interrupted = true; break; }
-            tick = ticks.recv() => match tick {
-                Some(tick) => tick,
+            group = ticks.recv() => match group {
+                Some(group) => group,
                 None => break,
             },
         };
-        // Orders the pacer has already handed over are due now: up to `batch` go together.
-        due_now.clear();
-        due_now.push(first);
-        while due_now.len() < spec.batch {
-            match ticks.try_recv() {
-                Ok(tick) => due_now.push(tick),
-                Err(_) => break,
+        for due_now in due_group.chunks(spec.batch) {
+            // Reap finished tasks so the set does not grow.
+            while tasks.try_join_next().is_some() {}
+            let mut news = Vec::new();
+            for &(i, due) in due_now {
+                let intended_us = header.started_unix_us + (due - start).as_micros() as u64;
+                let second = (due - start).as_secs() as usize;
+                let command = {
+                    let mut s = lock(&shared);
+                    flow.next(&mut s.resting)
+                };
+                if tasks.len() >= spec.max_in_flight {
+                    let entry = entry_for(&command, intended_us, 0, Outcome::Dropped);
+                    lock(&shared).finish(entry, second);
+                    continue;
+                }
+                let now = Instant::now();
+                let sent_us = header.started_unix_us + (now - start).as_micros() as u64;
+                let late = now.saturating_duration_since(due) > Duration::from_millis(10);
+                {
+                    let mut s = lock(&shared);
+                    s.recorder.sent(late);
+                    s.in_flight.insert(
+                        i,
+                        entry_for(&command, intended_us, sent_us, Outcome::Interrupted),
+                    );
+                }
+                let sent = Sent { i, due, second };
+                match command {
+                    FlowCommand::New { .. } if spec.batch > 1 => news.push((sent, command)),
+                    command => spawn_one(&mut tasks, command, sent),
+                }
             }
-        }
-        // Reap finished tasks so the set does not grow.
-        while tasks.try_join_next().is_some() {}
-        let mut news = Vec::new();
-        for &(i, due) in &due_now {
-            let intended_us = header.started_unix_us + (due - start).as_micros() as u64;
-            let second = (due - start).as_secs() as usize;
-            let command = {
-                let mut s = lock(&shared);
-                flow.next(&mut s.resting)
-            };
-            if tasks.len() >= spec.max_in_flight {
-                let entry = entry_for(&command, intended_us, 0, Outcome::Dropped);
-                lock(&shared).finish(entry, second);
-                continue;
+            if news.len() == 1 {
+                let (sent, command) = news.remove(0);
+                spawn_one(&mut tasks, command, sent);
+            } else if !news.is_empty() {
+                tasks.spawn(send_batch(
+                    client.clone(),
+                    batch_url.clone(),
+                    news,
+                    shared.clone(),
+                ));
             }
-            let now = Instant::now();
-            let sent_us = header.started_unix_us + (now - start).as_micros() as u64;
-            let late = now.saturating_duration_since(due) > Duration::from_millis(10);
-            {
-                let mut s = lock(&shared);
-                s.recorder.sent(late);
-                s.in_flight.insert(
-                    i,
-                    entry_for(&command, intended_us, sent_us, Outcome::Interrupted),
-                );
-            }
-            let sent = Sent { i, due, second };
-            match command {
-                FlowCommand::New { .. } if spec.batch > 1 => news.push((sent, command)),
-                command => spawn_one(&mut tasks, command, sent),
-            }
-        }
-        if news.len() == 1 {
-            let (sent, command) = news.remove(0);
-            spawn_one(&mut tasks, command, sent);
-        } else if !news.is_empty() {
-            tasks.spawn(send_batch(
-                client.clone(),
-                batch_url.clone(),
-                news,
-                shared.clone(),
-            ));
         }
     }
     // Closing the channel stops the pacer.
@@ -312,10 +305,12 @@ pub async fn run_watched(
 /// [`Pacer::MIN_WAKE_INTERVAL`]: while orders are further apart than that each one leaves on
 /// time; above 1,000 orders/s each wake sends every order that has come due (late by less than
 /// the interval, as the runtime's timers were). It hands the orders to the runtime through a
-/// bounded channel; when the runtime falls behind, the pacer waits and the sends count as late.
-/// It never sends early. It stops when the receiving side drops the channel.
+/// bounded channel, everything that came due at one wake as one message (one wake-up of the
+/// runtime per wake, however many orders); when the runtime falls behind, the pacer waits and
+/// the sends count as late. It never sends early. It stops when the receiving side drops the
+/// channel.
 struct Pacer {
-    ticks: tokio::sync::mpsc::Receiver<(u64, Instant)>,
+    ticks: tokio::sync::mpsc::Receiver<Vec<(u64, Instant)>>,
     thread: tokio::task::JoinHandle<()>,
 }
 
@@ -324,13 +319,17 @@ impl Pacer {
     const MAX_SLEEP: Duration = Duration::from_millis(50);
     /// The least time between two wakes: above 1,000 orders/s one wake sends several.
     const MIN_WAKE_INTERVAL: Duration = Duration::from_millis(1);
+    /// The most orders in one message (when the runtime is far behind, the rest follow).
+    const MAX_GROUP: usize = 1024;
 
     fn start(start: Instant, rate_per_sec: f64, planned: u64) -> Pacer {
         let (tx, ticks) = tokio::sync::mpsc::channel(4096);
+        let due_of = move |i: u64| start + Duration::from_secs_f64(i as f64 / rate_per_sec);
         let thread = tokio::task::spawn_blocking(move || {
             let mut earliest_wake = Instant::now();
-            for i in 0..planned {
-                let due = start + Duration::from_secs_f64(i as f64 / rate_per_sec);
+            let mut i = 0;
+            while i < planned {
+                let due = due_of(i);
                 if due > Instant::now() {
                     let wake = due.max(earliest_wake);
                     loop {
@@ -345,7 +344,14 @@ impl Pacer {
                     }
                     earliest_wake = Instant::now() + Self::MIN_WAKE_INTERVAL;
                 }
-                if tx.blocking_send((i, due)).is_err() {
+                let now = Instant::now();
+                let mut group = vec![(i, due)];
+                i += 1;
+                while i < planned && group.len() < Self::MAX_GROUP && due_of(i) <= now {
+                    group.push((i, due_of(i)));
+                    i += 1;
+                }
+                if tx.blocking_send(group).is_err() {
                     return;
                 }
             }
