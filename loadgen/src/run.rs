@@ -426,6 +426,15 @@ struct Sent {
     second: usize,
 }
 
+/// The body of an answer as `T`; empty (default) when it cannot be read or is not what the
+/// gateway sends: the status alone then says what happened.
+async fn read_json<T: serde::de::DeserializeOwned + Default>(resp: reqwest::Response) -> T {
+    match resp.bytes().await {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+        Err(_) => T::default(),
+    }
+}
+
 /// The outcome a response's HTTP status means for the order(s) it answers.
 fn outcome_of(code: u16) -> Outcome {
     match code {
@@ -484,23 +493,15 @@ async fn send_batch(
     };
     let result = client.post(batch_url).json(&body).send().await;
     let mut answers: Vec<(Outcome, Option<u16>, Answer)> = match result {
-        Ok(resp) if resp.status().as_u16() == 200 => {
-            let answer: BatchAnswer = match resp.bytes().await {
-                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
-                Err(_) => BatchAnswer::default(),
-            };
-            answer
-                .results
-                .into_iter()
-                .map(|r| (outcome_of(r.http_status), Some(r.http_status), r.answer))
-                .collect()
-        }
+        Ok(resp) if resp.status().as_u16() == 200 => read_json::<BatchAnswer>(resp)
+            .await
+            .results
+            .into_iter()
+            .map(|r| (outcome_of(r.http_status), Some(r.http_status), r.answer))
+            .collect(),
         Ok(resp) => {
             let code = resp.status().as_u16();
-            let answer: Answer = match resp.bytes().await {
-                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
-                Err(_) => Answer::default(),
-            };
+            let answer: Answer = read_json(resp).await;
             orders
                 .iter()
                 .map(|_| (outcome_of(code), Some(code), answer.clone()))
@@ -542,11 +543,7 @@ async fn send(
     let (outcome, http_status, body) = match result {
         Ok(resp) => {
             let code = resp.status().as_u16();
-            let body: Answer = match resp.bytes().await {
-                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
-                Err(_) => Answer::default(),
-            };
-            (outcome_of(code), Some(code), body)
+            (outcome_of(code), Some(code), read_json(resp).await)
         }
         Err(e) => (failure_of(&e), None, Answer::default()),
     };

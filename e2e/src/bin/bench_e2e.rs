@@ -62,6 +62,42 @@ struct CapacityRun {
     cpu_by_step: Vec<StepCpu>,
 }
 
+impl CapacityRun {
+    /// Its results for the JSON: the sustained rate, latency at it, its ratio to `ceiling`,
+    /// the whole search and where the CPU went.
+    fn json(&self, ceiling: f64) -> serde_json::Map<String, serde_json::Value> {
+        let rate = self.report.sustainable_rate_per_sec;
+        let best = self.best.as_ref();
+        let value = json!({
+            "orders_per_sec": rate,
+            "achieved_orders_per_sec": best.map(|s| s.achieved_rate_per_sec),
+            "p50_ms": best.map(|s| s.ack_p50_ms),
+            "p99_ms": best.map(|s| s.ack_p99_ms),
+            "ratio_to_ceiling": if ceiling > 0.0 { (rate / ceiling * 1000.0).round() / 1000.0 } else { 0.0 },
+            "capacity": self.report,
+            "cpu_at_sustained": self.cpu_at_best,
+            "cpu_by_step": self.cpu_by_step,
+        });
+        match value {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        }
+    }
+
+    /// The latency and CPU lines under its result.
+    fn print_details(&self) {
+        if let Some(s) = &self.best {
+            println!(
+                "    at that rate: p50 {:.2} ms, p99 {:.2} ms",
+                s.ack_p50_ms, s.ack_p99_ms
+            );
+        }
+        if let Some(c) = &self.cpu_at_best {
+            println!("    {}", c.line());
+        }
+    }
+}
+
 /// The capacity search against `gateway`, `batch` orders at most per request, reading each
 /// step's CPU (every component's process tree, this process — the load generator — and the
 /// host) before and after.
@@ -370,12 +406,6 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
-    let CapacityRun {
-        report: cap,
-        best,
-        cpu_at_best,
-        cpu_by_step,
-    } = single;
 
     // Rows written per acknowledged order, to turn PostgreSQL rows/s into orders/s.
     let pool = sqlx::PgPool::connect(&database).await?;
@@ -406,15 +436,11 @@ async fn main() -> anyhow::Result<()> {
     let pg_rows = pg_runs[0].max(pg_runs[1]);
     let pg_orders = pg_rows / rows_per_order;
     let ceiling = rabbit.min(pg_orders);
-    let sustained = cap.sustainable_rate_per_sec;
-    let result = json!({
+    let sustained = single.report.sustainable_rate_per_sec;
+    let mut result = json!({
         "benchmark": "e2e",
         "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
-        "orders_per_sec": sustained,
-        "achieved_orders_per_sec": best.as_ref().map(|s| s.achieved_rate_per_sec),
         "p99_bound_ms": args.max_p99.as_secs_f64() * 1000.0,
-        "p50_ms": best.as_ref().map(|s| s.ack_p50_ms),
-        "p99_ms": best.as_ref().map(|s| s.ack_p99_ms),
         "demo_rate": 30,
         "demo_p50_ms": demo.ack_latency.p50_ms,
         "demo_p99_ms": demo.ack_latency.p99_ms,
@@ -428,37 +454,23 @@ async fn main() -> anyhow::Result<()> {
             "postgres_orders_per_sec": pg_orders.round(),
             "orders_per_sec": ceiling.round(),
         },
-        "ratio_to_ceiling": if ceiling > 0.0 { (sustained / ceiling * 1000.0).round() / 1000.0 } else { 0.0 },
-        "capacity": cap,
-        "cpu_at_sustained": cpu_at_best,
-        "cpu_by_step": cpu_by_step,
-        "batched": batched.as_ref().map(|b| json!({
-            "max_orders_per_request": args.batch,
-            "orders_per_sec": b.report.sustainable_rate_per_sec,
-            "achieved_orders_per_sec": b.best.as_ref().map(|s| s.achieved_rate_per_sec),
-            "p50_ms": b.best.as_ref().map(|s| s.ack_p50_ms),
-            "p99_ms": b.best.as_ref().map(|s| s.ack_p99_ms),
-            "ratio_to_ceiling": if ceiling > 0.0 { (b.report.sustainable_rate_per_sec / ceiling * 1000.0).round() / 1000.0 } else { 0.0 },
-            "capacity": b.report,
-            "cpu_at_sustained": b.cpu_at_best,
-            "cpu_by_step": b.cpu_by_step,
-        })),
+        "batched": batched.as_ref().map(|b| {
+            let mut fields = b.json(ceiling);
+            fields.insert("max_orders_per_request".into(), json!(args.batch));
+            fields
+        }),
         "targets": {"orders_per_sec": 20_000, "p99_ms": 20, "ratio_to_ceiling": 0.5, "demo_p99_ms": 5},
     });
+    // The search with one order per request is the headline: its fields are top-level.
+    if let serde_json::Value::Object(top) = &mut result {
+        top.extend(single.json(ceiling));
+    }
     println!("end-to-end benchmark (whole pipeline on this machine, load generator included):");
     println!(
         "  sustained: {sustained:.0} orders/s with ack p99 < {:?}",
         args.max_p99
     );
-    if let Some(b) = &best {
-        println!(
-            "    at that rate: p50 {:.2} ms, p99 {:.2} ms",
-            b.ack_p50_ms, b.ack_p99_ms
-        );
-    }
-    if let Some(c) = &cpu_at_best {
-        println!("    {}", c.line());
-    }
+    single.print_details();
     if let Some(b) = &batched {
         println!(
             "  sustained with up to {} orders per request (POST /v1/orders/batch): {:.0} orders/s ({:.1}% of the ceiling)",
@@ -466,15 +478,7 @@ async fn main() -> anyhow::Result<()> {
             b.report.sustainable_rate_per_sec,
             b.report.sustainable_rate_per_sec / ceiling.max(1.0) * 100.0
         );
-        if let Some(s) = &b.best {
-            println!(
-                "    at that rate: p50 {:.2} ms, p99 {:.2} ms",
-                s.ack_p50_ms, s.ack_p99_ms
-            );
-        }
-        if let Some(c) = &b.cpu_at_best {
-            println!("    {}", c.line());
-        }
+        b.print_details();
     }
     println!(
         "  demo load 30/s: p50 {:.2} ms, p99 {:.2} ms",

@@ -21,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, post};
 use bytes::Bytes;
 use domain::{ErrorCode, Symbol, ValidationError};
+use std::io::Write as _;
 
 /// The OpenAPI 3.0 description of this API.
 pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
@@ -161,7 +162,8 @@ async fn create_orders(State(gw): State<Gateway>, body: Body) -> Result<Response
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(format!("{{\"http_status\":{status},\"answer\":").as_bytes());
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, "{{\"http_status\":{status},\"answer\":");
         out.extend_from_slice(if body.is_empty() { b"null" } else { body });
         out.push(b'}');
     }
