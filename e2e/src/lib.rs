@@ -92,6 +92,52 @@ pub async fn start_exchange(name: &str) -> anyhow::Result<Lab> {
     Ok(lab)
 }
 
+/// What a failed check should show beside its own message, since CI keeps only the test's
+/// output: for each component, the last `lines` lines of its log that are warnings or errors
+/// (services log JSON with a `level`) or, for PostgreSQL and RabbitMQ, its last `lines` lines.
+pub fn log_tails(lab: &Lab, components: &[Component], lines: usize) -> String {
+    let mut out = String::new();
+    for &c in components {
+        let path = lab.log_file(c);
+        let text = match std::fs::read(&path) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) => {
+                out.push_str(&format!("--- {}: cannot read: {e}\n", path.display()));
+                continue;
+            }
+        };
+        let service = matches!(
+            c,
+            Component::MatchingEngine | Component::Persistence | Component::OrderGateway
+        );
+        let picked: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                !service
+                    || l.contains(r#""level":"WARN""#)
+                    || l.contains(r#""level":"ERROR""#)
+                    || l.starts_with("=== lab")
+            })
+            .collect();
+        let what = if service {
+            "warnings and errors"
+        } else {
+            "lines"
+        };
+        out.push_str(&format!(
+            "--- {} (last {} {what} of {}):\n",
+            c.name(),
+            lines.min(picked.len()),
+            path.display()
+        ));
+        for l in &picked[picked.len().saturating_sub(lines)..] {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// Polls `check` every 20 ms until it returns `Some`, or fails after `deadline` naming `what`.
 pub async fn eventually<T, F, Fut>(
     what: &str,

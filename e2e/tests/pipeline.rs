@@ -61,6 +61,21 @@ impl Ctx {
         .await
         .expect("audit runs");
         eprint!("{}", report.table());
+        if !report.passed {
+            // The lab folder goes with the CI runner: show what the pipeline said.
+            eprint!(
+                "{}",
+                e2e::log_tails(
+                    &self.lab,
+                    &[
+                        Component::MatchingEngine,
+                        Component::Persistence,
+                        Component::Rabbitmq,
+                    ],
+                    40,
+                )
+            );
+        }
         assert!(report.passed, "audit of {name} failed:\n{}", report.table());
         report
     }

@@ -39,9 +39,13 @@ impl Default for EngineConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
     pub url: String,
+    /// Connecting (TCP, AMQP handshake, channel, topology) must finish within this time, or
+    /// the attempt is dropped and retried.
+    pub connect_timeout_ms: u64,
     /// Most events in one published message.
     pub batch_events_max: usize,
-    /// A publish not confirmed within this time counts as failed and is retried.
+    /// A publish not sent and confirmed within this time counts as failed: the connection is
+    /// dropped and the batch is published again on a new one.
     pub confirm_timeout_ms: u64,
     /// Reconnect backoff cap.
     pub reconnect_max_ms: u64,
@@ -58,6 +62,7 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            connect_timeout_ms: 5_000,
             batch_events_max: 1000,
             confirm_timeout_ms: 5_000,
             reconnect_max_ms: 2_000,
@@ -99,6 +104,12 @@ impl Validate for EngineConfig {
             return Err(ConfigError::invalid(
                 "amqp.batch_events_max",
                 "must be between 1 and 10000",
+            ));
+        }
+        if !(100..=60_000).contains(&self.amqp.connect_timeout_ms) {
+            return Err(ConfigError::invalid(
+                "amqp.connect_timeout_ms",
+                "must be between 100 and 60000",
             ));
         }
         if !(100..=60_000).contains(&self.amqp.confirm_timeout_ms) {

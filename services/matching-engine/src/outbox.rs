@@ -37,6 +37,9 @@ pub const CHECKPOINT_FILE: &str = "outbox.checkpoint";
 /// journal's for the disk (`make chaos-disk-io`).
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How long closing a connection may take before it is dropped as it is.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Syncs the checkpoint to `(offset, seq)` unless it holds that offset already (the publisher
 /// is stopping).
 fn settle(checkpoint: &mut Checkpoint, offset: u64, seq: u64) -> std::io::Result<()> {
@@ -63,8 +66,10 @@ enum PublishError {
     Amqp(#[from] lapin::Error),
     #[error("journal: {0}")]
     Journal(#[from] std::io::Error),
-    #[error("broker did not confirm within {0:?}")]
-    ConfirmTimeout(Duration),
+    /// A step that did not finish in time: the connection may be hung (lapin does not always
+    /// notice a broker that went away mid-handshake), so it is dropped and made again.
+    #[error("{0} did not finish within {1:?}")]
+    Timeout(&'static str, Duration),
     #[error("broker nacked the batch")]
     Nack,
     #[error("batch was unroutable (returned): is the queue bound?")]
@@ -77,7 +82,7 @@ impl PublishError {
         match self {
             PublishError::Amqp(_) => "amqp",
             PublishError::Journal(_) => "journal",
-            PublishError::ConfirmTimeout(_) => "timeout",
+            PublishError::Timeout(..) => "timeout",
             PublishError::Nack => "nack",
             PublishError::Returned => "returned",
         }
@@ -148,7 +153,12 @@ impl Outbox {
                     let result = self
                         .publish_loop(&channel, &journal, &mut checkpoint, &confirmed)
                         .await;
-                    let _ = conn.close(200, "engine outbox stopping".into()).await;
+                    // A connection that is already gone may never answer the close.
+                    let _ = tokio::time::timeout(
+                        CLOSE_TIMEOUT,
+                        conn.close(200, "engine outbox stopping".into()),
+                    )
+                    .await;
                     match result {
                         Ok(()) => break,
                         Err(e) => {
@@ -171,14 +181,22 @@ impl Outbox {
         Ok(())
     }
 
-    async fn connect(&self) -> Result<(lapin::Connection, Channel), lapin::Error> {
-        let conn = kit::amqp::connect(&self.config.url, "matching-engine").await?;
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        kit::amqp::declare_topology(&channel).await?;
-        Ok((conn, channel))
+    /// Connects, opens a confirming channel and declares the topology, all within
+    /// `amqp.connect_timeout_ms`.
+    async fn connect(&self) -> Result<(lapin::Connection, Channel), PublishError> {
+        let timeout = Duration::from_millis(self.config.connect_timeout_ms);
+        let connecting = async {
+            let conn = kit::amqp::connect(&self.config.url, "matching-engine").await?;
+            let channel = conn.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            kit::amqp::declare_topology(&channel).await?;
+            Ok::<_, lapin::Error>((conn, channel))
+        };
+        Ok(tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| PublishError::Timeout("connecting to RabbitMQ", timeout))??)
     }
 
     /// Publishes until shutdown (`Ok`) or a broker error (`Err`, reconnect).
@@ -252,7 +270,7 @@ impl Outbox {
                 .with_timestamp(now_secs)
                 .with_message_id(format!("events-{}-{}", chunk.first_seq, chunk.last_seq).into());
             let timeout = Duration::from_millis(self.config.confirm_timeout_ms);
-            let published = async {
+            let publishing = async {
                 let confirm = channel
                     .basic_publish(
                         kit::amqp::EVENTS_EXCHANGE.into(),
@@ -265,16 +283,17 @@ impl Outbox {
                         props,
                     )
                     .await?;
-                let confirmation = tokio::time::timeout(timeout, confirm)
-                    .await
-                    .map_err(|_| PublishError::ConfirmTimeout(timeout))??;
-                match confirmation {
+                match confirm.await? {
                     Confirmation::Ack(None) => Ok(()),
                     Confirmation::Ack(Some(_)) => Err(PublishError::Returned),
                     Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nack),
                 }
-            }
-            .await;
+            };
+            // The send counts against the timeout too: a broker that stopped reading (gone, or
+            // blocking publishers on an alarm) must not hold the loop forever.
+            let published = tokio::time::timeout(timeout, publishing)
+                .await
+                .unwrap_or(Err(PublishError::Timeout("publish and confirm", timeout)));
             kit::metrics::observe_dependency_call(
                 "rabbitmq",
                 "publish",

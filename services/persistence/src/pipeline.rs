@@ -15,7 +15,10 @@
 //!   own is stored as poison.
 //! * **Ack**: only after commit, once, `multiple` up to the batch's last delivery tag.
 //! * **RabbitMQ lost**: readiness `rabbitmq` false, reconnect with backoff; unacked deliveries
-//!   come back from the broker and are no-ops thanks to idempotency on `seq`.
+//!   come back from the broker and are no-ops thanks to idempotency on `seq`. Every RabbitMQ
+//!   step is bounded in time, and an idle session checks every 5 s that its channel answers
+//!   and that the queue holds nothing it should have received (ready messages at two checks
+//!   in a row: the session is stalled and made again).
 //! * **Shutdown**: stop taking deliveries, commit the batch in hand (retrying for at most
 //!   `shutdown_flush_timeout_ms`), ack, close the channel and connection.
 
@@ -28,7 +31,7 @@ use crate::store::{self, PoisonRow, WriteOutcome};
 use domain::{Catalog, Event, EventBatch, WIRE_VERSION};
 use futures_lite::StreamExt;
 use kit::shutdown::Shutdown;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use sqlx::PgPool;
@@ -148,7 +151,22 @@ enum SessionError {
     Timeout(&'static str, u64),
     #[error("the broker ended the consumer")]
     ConsumerEnded,
+    #[error(
+        "{0} messages stayed ready in the queue for {1:?} while this consumer, with nothing \
+         unacked, received none"
+    )]
+    Stalled(u32, Duration),
 }
+
+/// While no delivery arrives, the session checks this often that the channel still answers
+/// and that the queue holds nothing it should have delivered.
+const IDLE_CHECK: Duration = Duration::from_secs(5);
+
+/// Consecutive idle checks that may find ready messages before the session is called stalled
+/// and made again: with everything acked and the prefetch window open, the broker delivers
+/// ready messages at once, so messages still ready at two checks in a row mean the broker or
+/// the client lost track of this consumer (a hung connection).
+const STALLED_CHECKS: u32 = 2;
 
 /// The consumer and writer.
 pub struct Pipeline {
@@ -343,12 +361,26 @@ impl Pipeline {
         );
 
         loop {
-            // Wait for the first delivery of the next batch.
-            let first = tokio::select! {
-                d = consumer.next() => d,
-                _ = self.shutdown.wait() => {
-                    close_channel(&channel).await;
-                    return Ok(SessionEnd::Shutdown);
+            // Wait for the first delivery of the next batch, checking the session while idle.
+            let mut stalled = 0;
+            let first = loop {
+                tokio::select! {
+                    d = consumer.next() => break d,
+                    _ = tokio::time::sleep(IDLE_CHECK) => {
+                        let ready = tokio::time::timeout(setup_timeout, ready_messages(&channel))
+                            .await
+                            .map_err(|_| {
+                                SessionError::Timeout("checking the queue", amqp.connect_timeout_ms)
+                            })??;
+                        stalled = if ready > 0 { stalled + 1 } else { 0 };
+                        if stalled >= STALLED_CHECKS {
+                            return Err(SessionError::Stalled(ready, IDLE_CHECK * stalled));
+                        }
+                    }
+                    _ = self.shutdown.wait() => {
+                        close_channel(&channel).await;
+                        return Ok(SessionEnd::Shutdown);
+                    }
                 }
             };
             let first = match first {
@@ -652,6 +684,22 @@ async fn close_channel(channel: &Channel) {
         channel.close(200, "shutdown".into()),
     )
     .await;
+}
+
+/// Messages ready for delivery in the events queue (a passive declare: also proves the channel
+/// still answers).
+async fn ready_messages(channel: &Channel) -> Result<u32, lapin::Error> {
+    let queue = channel
+        .queue_declare(
+            kit::amqp::EVENTS_QUEUE.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(queue.message_count())
 }
 
 /// Acks everything up to the batch's last delivery tag.
