@@ -923,7 +923,50 @@ async fn persistence_against_real_postgres_and_rabbitmq() {
     rows_api_duplicates_gaps_poison(&pg, &rabbit).await;
     refused_message_is_quarantined(&pg, &rabbit).await;
     postgres_outage_and_broker_disconnect(&pg, &rabbit).await;
+    a_hung_broker_connection_is_dropped_and_made_again(&pg, &rabbit).await;
     lookups_follow_the_table_as_it_grows(&pg, &rabbit).await;
+}
+
+/// The broker connection goes silent (a relay stops moving bytes, both sockets stay open):
+/// no error ever arrives, so only heartbeats can tell. Both ends miss them after about 20 s
+/// (`kit::amqp::HEARTBEAT_S`, 10 s): the service drops the connection and connects again, the
+/// broker frees the silent connection's exclusive consumer, and the messages published
+/// meanwhile are stored (measured: 30 s after the freeze). With the broker's default heartbeat
+/// (60 s) this phase fails its 60 s deadline.
+async fn a_hung_broker_connection_is_dropped_and_made_again(pg: &Postgres, rabbit: &Rabbit) {
+    pg.create_database("hung");
+    let relay = support::Relay::start(([127, 0, 0, 1], rabbit.port).into()).await;
+    let svc = Service::start(
+        &pg.url("hung"),
+        &format!("amqp://guest:guest@{}/%2f", relay.addr),
+    )
+    .await;
+    let publisher = Publisher::connect(&rabbit.url()).await;
+    publisher.batch(&pair(1, 1)).await;
+    svc.wait_events(3).await;
+    let connections = relay.accepted();
+
+    relay.freeze_current();
+    let frozen = Instant::now();
+    publisher.batch(&pair(4, 3)).await;
+    publisher.batch(&pair(7, 5)).await;
+    let stats = svc.wait_events(9).await;
+    eprintln!(
+        "hung connection: stored again {:.1} s after the freeze",
+        frozen.elapsed().as_secs_f64()
+    );
+    assert_eq!(stats["contiguous_seq"], 9);
+    assert!(
+        relay.accepted() > connections,
+        "the service made a new connection"
+    );
+    assert!(
+        svc.metric_with("persistence_reconnects_total", "dependency=\"rabbitmq\"")
+            .await
+            >= 1.0
+    );
+    publisher.close().await;
+    svc.stop().await;
 }
 
 /// A fresh database has no statistics until autovacuum's first `ANALYZE`. The per-batch

@@ -425,3 +425,70 @@ impl Drop for Rabbit {
         let _ = self.epmd.wait();
     }
 }
+
+/// A TCP relay to a server whose connections can be *frozen*: bytes stop moving both ways while
+/// both sockets stay open, as with a peer that hangs (no close, no reset, no error: only
+/// silence). Connections made after a freeze are relayed normally. Stops with the test.
+pub struct Relay {
+    pub addr: std::net::SocketAddr,
+    epoch: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// Listens on a free loopback port and relays every connection to `upstream`.
+    pub async fn start(upstream: std::net::SocketAddr) -> Relay {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let epoch = Arc::new(tokio::sync::watch::channel(0u64).0);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (epochs, count) = (epoch.clone(), accepted.clone());
+        let task = tokio::spawn(async move {
+            // Frozen connections are kept here, open, until the relay stops.
+            let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+            while let Ok((mut client, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let mut frozen = epochs.subscribe();
+                let held = held.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = frozen.changed() => {
+                            if let Ok(mut held) = held.lock() {
+                                held.push((client, server));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Relay {
+            addr,
+            epoch,
+            accepted,
+            task,
+        }
+    }
+
+    /// Freezes every connection open now.
+    pub fn freeze_current(&self) {
+        self.epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
