@@ -184,7 +184,12 @@ pub async fn run(
         .timeout(Duration::from_secs(2))
         .build()
         .context("HTTP client")?;
-    let mut problem = if exp.needs_root() {
+    let mut problem = if !stack.state.is_running() {
+        Some(format!(
+            "the lab at {} is not running: start it with `make demo` (or `target/release/lab up`)",
+            stack.state.root.display()
+        ))
+    } else if exp.needs_root() {
         stack.isolation_problem()
     } else {
         None

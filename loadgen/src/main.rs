@@ -289,10 +289,15 @@ fn resolve(
     if let Some(url) = flag {
         return url;
     }
-    if let Ok(state) = lab::LabState::read(lab_state)
-        && let Some(url) = state.component(component).and_then(|c| c.primary_url())
-    {
-        return url.to_owned();
+    if let Ok(state) = lab::LabState::read(lab_state) {
+        if !state.is_running() {
+            eprintln!(
+                "note: the lab in {} is not running (start it with `make demo`); using {default}",
+                lab_state.display()
+            );
+        } else if let Some(url) = state.component(component).and_then(|c| c.primary_url()) {
+            return url.to_owned();
+        }
     }
     default.to_owned()
 }

@@ -49,6 +49,12 @@ impl Stack {
                 "{e}\nIs the lab running? Start it with `make demo` (or pass --state FILE)."
             )
         })?;
+        if !state.is_running() {
+            anyhow::bail!(
+                "the lab in {} is not running: start it with `make demo` (or pass --state FILE)",
+                state_file.display()
+            );
+        }
         let mut services = Vec::new();
         for &c in wanted {
             let entry = state.component(c).with_context(|| {

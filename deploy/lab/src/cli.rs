@@ -181,17 +181,12 @@ fn read_state(root: &Path) -> anyhow::Result<Option<LabState>> {
     Ok(Some(LabState::read(&path)?))
 }
 
-/// The supervisor recorded in `state` is running and still in charge.
-fn supervisor_running(state: &LabState) -> bool {
-    process::is_alive(&state.supervisor) && !matches!(state.phase, Phase::Stopped | Phase::Failed)
-}
-
 // ---------------------------------------------------------------------------------------------
 // up
 
 fn up(root: &Path, args: &UpArgs) -> anyhow::Result<ExitCode> {
     if let Some(state) = read_state(root)?
-        && supervisor_running(&state)
+        && state.is_running()
     {
         say!(
             "a lab supervisor is already running for {} (pid {})",
@@ -564,7 +559,7 @@ fn cleanup(root: &Path) -> anyhow::Result<ExitCode> {
         say!("no lab state in {}: nothing to clean up", root.display());
         return Ok(ExitCode::SUCCESS);
     };
-    if supervisor_running(&state) {
+    if state.is_running() {
         bail!(
             "the supervisor of {} (pid {}) is running: stop the lab with `lab down --root {}`",
             root.display(),
@@ -698,7 +693,7 @@ fn where_to_look(root: &Path) -> anyhow::Result<ExitCode> {
         say!("no lab at {} (start one with `make demo`)", root.display());
         return Ok(ExitCode::FAILURE);
     };
-    if !supervisor_running(&state) {
+    if !state.is_running() {
         say!(
             "the lab at {} is not running (start it with `make demo`)",
             root.display()
@@ -743,7 +738,7 @@ fn where_to_look(root: &Path) -> anyhow::Result<ExitCode> {
 fn send(root: &Path, request: Request) -> anyhow::Result<ExitCode> {
     let state = read_state(root)?
         .with_context(|| format!("no lab at {} (start one with `lab up`)", root.display()))?;
-    if !supervisor_running(&state) {
+    if !state.is_running() {
         bail!(
             "no supervisor is running for {} (start one with `lab up`)",
             root.display()

@@ -323,6 +323,13 @@ impl LabState {
         out
     }
 
+    /// Whether the lab this file describes is up: its supervisor is alive and it has not
+    /// stopped or failed. (The addresses of a stopped lab may answer something else entirely.)
+    pub fn is_running(&self) -> bool {
+        crate::process::is_alive(&self.supervisor)
+            && !matches!(self.phase, Phase::Stopped | Phase::Failed)
+    }
+
     /// Reads and checks a state file.
     pub fn read(path: &Path) -> Result<Self> {
         let text =
