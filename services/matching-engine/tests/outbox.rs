@@ -1,6 +1,10 @@
 //! The outbox against a broker that accepts connections and never answers: every attempt must
 //! be given up within `amqp.connect_timeout_ms` and made again, never waited on forever (the
 //! hang that once left a whole broker restart's events in the journal).
+//!
+//! lapin runs each connection's I/O on a thread of its own, and an abandoned handshake's thread
+//! lives as long as its socket: while the peer holds it open, every attempt leaves one behind;
+//! once the peer lets go they end. The test checks both halves.
 
 use kit::health::Readiness;
 use kit::shutdown::Shutdown;
@@ -45,6 +49,8 @@ async fn a_broker_that_never_answers_is_dropped_and_tried_again() {
         readiness: readiness.clone(),
         shutdown: shutdown.clone(),
     };
+    let threads = || std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
+    let threads_before = threads();
     let run = tokio::spawn(outbox.run());
 
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -69,5 +75,16 @@ async fn a_broker_that_never_answers_is_dropped_and_tried_again() {
         .expect("the outbox stops on shutdown while the broker hangs")
         .unwrap()
         .unwrap();
-    silent.abort();
+    silent.abort(); // closes every socket it held
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while threads() > threads_before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{} threads 10 s after the silent peer closed its sockets (started with {threads_before}): \
+             the abandoned handshakes' threads did not end",
+            threads()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
