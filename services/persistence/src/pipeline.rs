@@ -299,12 +299,9 @@ impl Pipeline {
         backoff: &mut Backoff,
     ) -> Result<SessionEnd, SessionError> {
         let amqp = &self.config.amqp;
-        let connection = tokio::time::timeout(
-            Duration::from_millis(amqp.connect_timeout_ms),
-            kit::amqp::connect(&amqp.url, SERVICE),
-        )
-        .await
-        .map_err(|_| SessionError::Timeout("connecting", amqp.connect_timeout_ms))??;
+        let connection = self
+            .bounded("connecting", kit::amqp::connect(&amqp.url, SERVICE))
+            .await?;
         let result = self.consume(&connection, tracker, backoff).await;
         // Closing returns every unacked delivery to the queue. Errors here mean the
         // connection is already gone, which has the same effect.
@@ -316,6 +313,20 @@ impl Pipeline {
         result
     }
 
+    /// Runs one step with the broker within `amqp.connect_timeout_ms`: a step that does not
+    /// end is a hung session, made again like a failed one.
+    async fn bounded<T>(
+        &self,
+        what: &'static str,
+        step: impl std::future::Future<Output = Result<T, lapin::Error>>,
+    ) -> Result<T, SessionError> {
+        let ms = self.config.amqp.connect_timeout_ms;
+        tokio::time::timeout(Duration::from_millis(ms), step)
+            .await
+            .map_err(|_| SessionError::Timeout(what, ms))?
+            .map_err(SessionError::from)
+    }
+
     async fn consume(
         &self,
         connection: &Connection,
@@ -324,7 +335,6 @@ impl Pipeline {
     ) -> Result<SessionEnd, SessionError> {
         let amqp = &self.config.amqp;
         let db = &self.config.database;
-        let setup_timeout = Duration::from_millis(amqp.connect_timeout_ms);
         let setup = async {
             let channel = connection.create_channel().await?;
             kit::amqp::declare_topology(&channel).await?;
@@ -346,12 +356,7 @@ impl Pipeline {
                 .await?;
             Ok::<_, lapin::Error>((channel, consumer))
         };
-        let (channel, mut consumer) =
-            tokio::time::timeout(setup_timeout, setup)
-                .await
-                .map_err(|_| {
-                    SessionError::Timeout("setting up the consumer", amqp.connect_timeout_ms)
-                })??;
+        let (channel, mut consumer) = self.bounded("setting up the consumer", setup).await?;
         self.rabbitmq.up();
         backoff.reset();
         tracing::info!(
@@ -367,11 +372,9 @@ impl Pipeline {
                 tokio::select! {
                     d = consumer.next() => break d,
                     _ = tokio::time::sleep(IDLE_CHECK) => {
-                        let ready = tokio::time::timeout(setup_timeout, ready_messages(&channel))
-                            .await
-                            .map_err(|_| {
-                                SessionError::Timeout("checking the queue", amqp.connect_timeout_ms)
-                            })??;
+                        let ready = self
+                            .bounded("checking the queue", ready_messages(&channel))
+                            .await?;
                         stalled = if ready > 0 { stalled + 1 } else { 0 };
                         if stalled >= STALLED_CHECKS {
                             return Err(SessionError::Stalled(ready, IDLE_CHECK * stalled));
@@ -424,9 +427,7 @@ impl Pipeline {
             if let Some(e) = lost {
                 return Err(e);
             }
-            tokio::time::timeout(setup_timeout, ack(&channel, &messages))
-                .await
-                .map_err(|_| SessionError::Timeout("acking", amqp.connect_timeout_ms))??;
+            self.bounded("acking", ack(&channel, &messages)).await?;
         }
     }
 
