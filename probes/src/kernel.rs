@@ -591,6 +591,7 @@ fn queue_flag_stats_bit() -> u32 {
 /// Attaches a probe's programs: its BTF raw tracepoints when it has them and the kernel takes
 /// them, else its classic tracepoints. Returns what got attached.
 fn attach_probe(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<String> {
+    let mut refused = None;
     if !probe.btf_programs.is_empty() {
         match attach_btf(ebpf, probe) {
             Ok(()) => {
@@ -606,6 +607,7 @@ fn attach_probe(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<String> {
                     return Err(e);
                 }
                 tracing::info!(probe = probe.name, error = %format!("{e:#}"), "BTF raw tracepoints unavailable; attaching classic tracepoints");
+                refused = Some(shorten_verifier_log(&format!("{e:#}")));
             }
         }
     }
@@ -620,12 +622,18 @@ fn attach_probe(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<String> {
             .attach(tp.category, tp.name)
             .with_context(|| what.clone())?;
     }
-    Ok(probe
+    let attached = probe
         .programs
         .iter()
         .map(|(_, tp)| tp.id())
         .collect::<Vec<_>>()
-        .join(", "))
+        .join(", ");
+    // Say why a kernel with BTF got the classic programs: they are skipped while any other
+    // classic tracepoint or kprobe program runs on the CPU, so the numbers can differ.
+    Ok(match refused {
+        Some(why) => format!("{attached} (BTF raw tracepoints refused: {why})"),
+        None => attached,
+    })
 }
 
 /// Loads and attaches all of a probe's BTF raw tracepoints, or none (what got attached before

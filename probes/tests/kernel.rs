@@ -234,16 +234,34 @@ fn add_rule(cleanup: &mut Cleanup, ns: &str, rule: &[&str]) {
 
 /// The kernel's own retransmitted-segment counter in `ns`.
 fn retrans_segs(ns: &str) -> u64 {
-    let snmp = must("ip", &["netns", "exec", ns, "cat", "/proc/net/snmp"]);
-    let tcp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Tcp:")).collect();
-    assert_eq!(tcp.len(), 2, "{snmp}");
-    let names: Vec<&str> = tcp[0].split_whitespace().collect();
-    let values: Vec<&str> = tcp[1].split_whitespace().collect();
-    let i = names
-        .iter()
-        .position(|n| *n == "RetransSegs")
-        .expect("RetransSegs in /proc/net/snmp");
-    values[i].parse().expect("a number")
+    tcp_counters(ns)["Tcp:RetransSegs"]
+}
+
+/// The TCP counters of namespace `ns` (`/proc/net/snmp`'s `Tcp:` and `/proc/net/netstat`'s
+/// `TcpExt:` lines), keyed `Tcp:RetransSegs`, `TcpExt:TCPTimeouts`, ...
+fn tcp_counters(ns: &str) -> BTreeMap<String, u64> {
+    let mut counters = BTreeMap::new();
+    for file in ["/proc/net/snmp", "/proc/net/netstat"] {
+        let text = must("ip", &["netns", "exec", ns, "cat", file]);
+        for prefix in ["Tcp:", "TcpExt:"] {
+            let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(prefix)).collect();
+            if lines.len() != 2 {
+                continue;
+            }
+            let names = lines[0].split_whitespace().skip(1);
+            let values = lines[1].split_whitespace().skip(1);
+            for (n, v) in names.zip(values) {
+                if let Ok(v) = v.parse() {
+                    counters.insert(format!("{prefix}{n}"), v);
+                }
+            }
+        }
+    }
+    assert!(
+        counters.contains_key("Tcp:RetransSegs"),
+        "no RetransSegs in {ns}'s /proc/net/snmp"
+    );
+    counters
 }
 
 /// Accepts connections in namespace `ns` and reads everything sent, until stopped.
@@ -536,13 +554,38 @@ impl Drop for BusyTracer {
 /// 300 ms on, then a reset; `after_traffic` runs once the streams are gone. Returns the
 /// retransmitted segments counted by the kernel (`RetransSegs` in `net.a`), by the probe for
 /// these flows, and by bpftrace on the same tracepoint (`None` without bpftrace).
+/// What one DROP-rule fault made the kernel, the probe and bpftrace count.
+struct FaultCount {
+    /// RetransSegs delta of the sending namespace.
+    kernel: u64,
+    /// Retransmitted segments the probe counted for the streams' flow.
+    probe: u64,
+    /// Runs of the agent's retransmit programs the kernel skipped (`recursion_misses`): a
+    /// classic tracepoint's programs are skipped while another classic tracepoint or kprobe
+    /// program, or a map syscall, holds the CPU's `bpf_prog_active`.
+    missed: u64,
+    /// bpftrace's count of the same tracepoint, when it ran.
+    witnessed: Option<u64>,
+    /// The namespace's other retransmission counters that moved (for a failure's message).
+    context: String,
+}
+
+fn retransmit_misses(agent: &Agent) -> u64 {
+    agent
+        .program_misses()
+        .into_iter()
+        .filter(|(p, _)| p.starts_with("tcp_retransmit_skb"))
+        .map(|(_, m)| m)
+        .sum()
+}
+
 fn drop_fault(
     test: &str,
     agent: &Agent,
     net: &NetPair,
     sink: &Sink,
     after_traffic: impl FnOnce(),
-) -> (u64, u64, Option<u64>) {
+) -> FaultCount {
     let to = SocketAddr::from((net.addr_b, sink.port));
     let witness = Bpftrace::start(
         test,
@@ -553,7 +596,8 @@ fn drop_fault(
     );
     agent.poll();
     let probe_before = probe_retransmits(&agent.aggregates(), net.addr_a, to);
-    let kernel_before = retrans_segs(&net.a);
+    let missed_before = retransmit_misses(agent);
+    let counters_before = tcp_counters(&net.a);
     let mut streams = connect_from(&net.a, to, 8);
     let port = sink.port.to_string();
     let mut rules = Cleanup::default();
@@ -567,11 +611,33 @@ fn drop_fault(
     abort(streams);
     after_traffic();
     agent.poll();
-    let kernel = retrans_segs(&net.a) - kernel_before;
+    let counters = tcp_counters(&net.a);
     let probe = probe_retransmits(&agent.aggregates(), net.addr_a, to) - probe_before;
+    let missed = retransmit_misses(agent) - missed_before;
     let witnessed = witness.map(|w| w.finish("n"));
     drop(rules);
-    (kernel, probe, witnessed)
+    let moved = |name: &str| {
+        let key = format!("TcpExt:{name}");
+        counters.get(&key).unwrap_or(&0) - counters_before.get(&key).unwrap_or(&0)
+    };
+    let context = [
+        "TCPTimeouts",
+        "TCPLossProbes",
+        "TCPRetransFail",
+        "TCPSynRetrans",
+        "TCPLostRetransmit",
+    ]
+    .iter()
+    .map(|n| format!("{n} +{}", moved(n)))
+    .collect::<Vec<_>>()
+    .join(", ");
+    FaultCount {
+        kernel: counters["Tcp:RetransSegs"] - counters_before["Tcp:RetransSegs"],
+        probe,
+        missed,
+        witnessed,
+        context,
+    }
 }
 
 fn within_5_percent(probe: u64, kernel: u64) -> bool {
@@ -605,10 +671,11 @@ fn retransmits_match_the_kernels_own_counter() {
         ],
     );
     // No tail loss probes (TLP) in the sender's namespace (the test's own; it goes with it):
-    // every retransmission is then a timeout's, 7 per stream in the 3.7 s of fault. (Two CI
-    // runs once counted one retransmission per stream fewer on the tracepoint than in
-    // RetransSegs, the probe and bpftrace agreeing; that was TLP's doing, it seemed, until the
-    // third phase below showed the cause: classic tracepoint programs being skipped.)
+    // every retransmission is then a timeout's, 7 per stream in the 3.7 s of fault. (Three CI
+    // runs counted one retransmission per stream fewer on the tracepoint than in RetransSegs,
+    // the probe and bpftrace agreeing: the streams' timers fire together, and one softirq run
+    // of classic tracepoint programs was skipped. The count of skipped runs is now part of the
+    // check, and the message says how the probe was attached.)
     must(
         "ip",
         &[
@@ -639,16 +706,41 @@ fn retransmits_match_the_kernels_own_counter() {
     );
     assert_eq!(probe, 0, "the probe counted retransmits without a fault");
 
+    let attached = agent
+        .probe_status()
+        .into_iter()
+        .find(|s| s.probe == "tcp_retransmit")
+        .map(|s| s.detail)
+        .unwrap_or_default();
+    println!("the probe is attached as {attached}");
+
     // Fault: a DROP rule on the receiving side swallows everything after 300 ms.
-    let (kernel, probe, witnessed) = drop_fault(test, &agent, &net, &sink, || {});
-    println!("DROP rule: kernel RetransSegs delta {kernel}, probe {probe}, bpftrace {witnessed:?}");
-    assert!(
-        kernel >= 20,
-        "expected dozens of retransmits, the kernel counted {kernel}"
+    let fault = drop_fault(test, &agent, &net, &sink, || {});
+    let FaultCount {
+        kernel,
+        probe,
+        missed,
+        witnessed,
+        ..
+    } = fault;
+    println!(
+        "DROP rule: kernel RetransSegs delta {kernel}, probe {probe}, runs the kernel skipped {missed}, bpftrace {witnessed:?}; {}",
+        fault.context
     );
     assert!(
-        within_5_percent(probe, kernel),
-        "probe counted {probe} retransmitted segments, the kernel {kernel}"
+        kernel >= 20,
+        "expected dozens of retransmits, the kernel counted {kernel} ({})",
+        fault.context
+    );
+    // Every retransmission the kernel counted is either in the probe's count or in the
+    // kernel's own count of the program's skipped runs (which the agent exports as
+    // probes_program_misses_total): nothing is lost without a trace. As a BTF raw tracepoint
+    // the program is never skipped. The streams' RTO timers fire together, so one skipped
+    // softirq run of a classic program loses one retransmission of every stream at once.
+    assert!(
+        within_5_percent(probe + missed, kernel),
+        "probe counted {probe} retransmitted segments and the kernel skipped it {missed} times; the kernel counted {kernel} ({}; attached as {attached})",
+        fault.context
     );
     if let Some(seen) = witnessed {
         // Paced small writes: each retransmission is one segment, so events == segments.
@@ -676,33 +768,40 @@ fn retransmits_match_the_kernels_own_counter() {
     // Fault again, while another tracer keeps every CPU inside a classic tracepoint program:
     // the probe, a BTF raw tracepoint, still counts every retransmit (a classic one would
     // miss most: bpftrace, counting the same tracepoint, shows how many).
-    let attached = agent
-        .probe_status()
-        .into_iter()
-        .find(|s| s.probe == "tcp_retransmit")
-        .map(|s| s.detail)
-        .unwrap_or_default();
     if !attached.contains("tp_btf/") {
         skipped(format_args!(
-            "{test}: retransmits under another busy tracer (the probe is attached as {attached}, a classic tracepoint: the kernel has no BTF)"
+            "{test}: retransmits under another busy tracer (the probe is attached as {attached}, a classic tracepoint)"
         ));
         return;
     }
     let Some(busy) = BusyTracer::start(test) else {
         return;
     };
-    let (kernel, probe, witnessed) = drop_fault(test, &agent, &net, &sink, || drop(busy));
-    let misses = agent.program_misses();
+    let fault = drop_fault(test, &agent, &net, &sink, || drop(busy));
+    let FaultCount {
+        kernel,
+        probe,
+        missed,
+        witnessed,
+        ..
+    } = fault;
     println!(
-        "DROP rule, another tracer busy on every CPU: kernel RetransSegs delta {kernel}, probe {probe}, bpftrace (classic tracepoint) {witnessed:?}; the agent's programs' misses {misses:?}"
+        "DROP rule, another tracer busy on every CPU: kernel RetransSegs delta {kernel}, probe {probe}, bpftrace (classic tracepoint) {witnessed:?}; runs of the agent's program the kernel skipped {missed}; {}",
+        fault.context
     );
     assert!(
         kernel >= 20,
-        "expected dozens of retransmits, the kernel counted {kernel}"
+        "expected dozens of retransmits, the kernel counted {kernel} ({})",
+        fault.context
+    );
+    assert_eq!(
+        missed, 0,
+        "the kernel skipped the BTF raw tracepoint program {missed} times"
     );
     assert!(
         within_5_percent(probe, kernel),
-        "with another tracer busy the probe counted {probe} retransmitted segments, the kernel {kernel}"
+        "with another tracer busy the probe counted {probe} retransmitted segments, the kernel {kernel} ({})",
+        fault.context
     );
 }
 
