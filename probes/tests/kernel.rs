@@ -237,13 +237,13 @@ fn retrans_segs(ns: &str) -> u64 {
     tcp_counters(ns)["Tcp:RetransSegs"]
 }
 
-/// The TCP counters of namespace `ns` (`/proc/net/snmp`'s `Tcp:` and `/proc/net/netstat`'s
-/// `TcpExt:` lines), keyed `Tcp:RetransSegs`, `TcpExt:TCPTimeouts`, ...
+/// The IP and TCP counters of namespace `ns` (`/proc/net/snmp`'s `Ip:` and `Tcp:` and
+/// `/proc/net/netstat`'s `TcpExt:` lines), keyed `Tcp:RetransSegs`, `TcpExt:TCPTimeouts`, ...
 fn tcp_counters(ns: &str) -> BTreeMap<String, u64> {
     let mut counters = BTreeMap::new();
     for file in ["/proc/net/snmp", "/proc/net/netstat"] {
         let text = must("ip", &["netns", "exec", ns, "cat", file]);
-        for prefix in ["Tcp:", "TcpExt:"] {
+        for prefix in ["Ip:", "Tcp:", "TcpExt:"] {
             let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(prefix)).collect();
             if lines.len() != 2 {
                 continue;
@@ -616,16 +616,17 @@ fn drop_fault(
     let missed = retransmit_misses(agent) - missed_before;
     let witnessed = witness.map(|w| w.finish("n"));
     drop(rules);
-    let moved = |name: &str| {
-        let key = format!("TcpExt:{name}");
-        counters.get(&key).unwrap_or(&0) - counters_before.get(&key).unwrap_or(&0)
-    };
+    let moved =
+        |key: &str| counters.get(key).unwrap_or(&0) - counters_before.get(key).unwrap_or(&0);
+    // A transmit that failed after RetransSegs was counted (no route: -EHOSTUNREACH, which
+    // the probe takes for an early exit) would show in TCPRetransFail or Ip:OutNoRoutes.
     let context = [
-        "TCPTimeouts",
-        "TCPLossProbes",
-        "TCPRetransFail",
-        "TCPSynRetrans",
-        "TCPLostRetransmit",
+        "TcpExt:TCPTimeouts",
+        "TcpExt:TCPLossProbes",
+        "TcpExt:TCPRetransFail",
+        "TcpExt:TCPSynRetrans",
+        "TcpExt:TCPLostRetransmit",
+        "Ip:OutNoRoutes",
     ]
     .iter()
     .map(|n| format!("{n} +{}", moved(n)))
