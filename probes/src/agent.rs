@@ -17,6 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -111,6 +112,9 @@ pub struct Agent {
     refresh_lock: Mutex<Option<std::time::Instant>>,
     /// The last refresh: when, and the lab state file's (modified time, length) then.
     last_refresh: Mutex<Option<(std::time::Instant, Option<Fingerprint>)>>,
+    /// An off-CPU capture (`GET /debug/offcpu`) is running: one at a time, each attaches a
+    /// program to every context switch of the host.
+    offcpu_busy: Arc<AtomicBool>,
 }
 
 /// A file's (modified time, length): changes when the lab rewrites its state.
@@ -179,6 +183,7 @@ impl Agent {
             }),
             refresh_lock: Mutex::new(None),
             last_refresh: Mutex::new(None),
+            offcpu_busy: Arc::new(AtomicBool::new(false)),
             options,
         };
         agent.refresh().map_err(LoadError::Other)?;
@@ -421,7 +426,27 @@ impl Agent {
 
     /// The Prometheus text of every probe metric.
     pub fn render_metrics(&self) -> String {
-        lock(&self.inner).aggregates.render()
+        let mut out = lock(&self.inner).aggregates.render();
+        out.push_str(
+            "# HELP probes_offcpu_capture_running 1 while an off-CPU capture (GET /debug/offcpu) runs: its program runs on every context switch of the host.\n\
+             # TYPE probes_offcpu_capture_running gauge\n",
+        );
+        out.push_str(if self.offcpu_capture_running() {
+            "probes_offcpu_capture_running 1\n"
+        } else {
+            "probes_offcpu_capture_running 0\n"
+        });
+        out
+    }
+
+    /// Whether an off-CPU capture is running now.
+    pub fn offcpu_capture_running(&self) -> bool {
+        self.offcpu_busy.load(Ordering::Acquire)
+    }
+
+    /// The flag the off-CPU endpoint holds while a capture runs.
+    pub(crate) fn offcpu_busy(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.offcpu_busy)
     }
 
     /// Events with `ts_ms >= since_ms`.

@@ -87,8 +87,8 @@ pub fn debug_routes(agent: Arc<Agent>, debug: &kit::config::DebugConfig) -> Rout
     let router = Router::new()
         .route("/debug/offcpu", get(offcpu_handler))
         .with_state(OffCpuState {
+            busy: agent.offcpu_busy(),
             agent,
-            busy: Arc::new(AtomicBool::new(false)),
         });
     kit::debug::guard_routes(router, debug)
 }

@@ -1678,15 +1678,29 @@ fn the_agent_serves_metrics_events_and_health() {
         long
     };
     let mut long = start_long();
-    poll_until("the 60 s capture to run", Duration::from_secs(30), || {
-        // A probe below can reach the agent first and hold the capture for its second, and
-        // the 60 s request is then refused (an answer waits on its socket): ask again.
+    // Watched through the agent, not by asking for captures (a probe that reached the agent
+    // first would hold the capture itself, and the 60 s request be refused: CI saw that
+    // race win for 30 s running).
+    let mut asked = 1;
+    poll_until_explained("the 60 s capture to run", Duration::from_secs(30), || {
+        if agent.offcpu_capture_running() {
+            return Ok(());
+        }
+        // Refused or failed: an answer (or the end) waits on its socket; ask again.
         let mut byte = [0u8; 1];
         if long.peek(&mut byte).is_ok() {
             long = start_long();
+            asked += 1;
         }
-        (http_get(addr, &short).0 == 409).then_some(())
+        Err(format!("no capture running after {asked} requests"))
     });
+    let (status, body) = http_get(addr, &short);
+    assert_eq!(status, 409, "a capture while the 60 s one runs: {body}");
+    let (_, metrics) = http_get(addr, "/metrics");
+    assert!(
+        metrics.contains("probes_offcpu_capture_running 1\n"),
+        "the gauge while the 60 s capture runs: {metrics}"
+    );
     drop(long);
     poll_until(
         "a capture once the 60 s one was abandoned",
