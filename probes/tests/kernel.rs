@@ -570,6 +570,16 @@ struct FaultCount {
     context: String,
 }
 
+impl std::fmt::Display for FaultCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "kernel RetransSegs delta {}, probe {}, runs of the probe's program the kernel skipped {}, bpftrace {:?}; {}",
+            self.kernel, self.probe, self.missed, self.witnessed, self.context
+        )
+    }
+}
+
 fn retransmit_misses(agent: &Agent) -> u64 {
     agent
         .program_misses()
@@ -717,17 +727,9 @@ fn retransmits_match_the_kernels_own_counter() {
 
     // Fault: a DROP rule on the receiving side swallows everything after 300 ms.
     let fault = drop_fault(test, &agent, &net, &sink, || {});
-    let FaultCount {
-        kernel,
-        probe,
-        missed,
-        witnessed,
-        ..
-    } = fault;
-    println!(
-        "DROP rule: kernel RetransSegs delta {kernel}, probe {probe}, runs the kernel skipped {missed}, bpftrace {witnessed:?}; {}",
-        fault.context
-    );
+    println!("DROP rule: {fault}");
+    let (kernel, probe, missed, witnessed) =
+        (fault.kernel, fault.probe, fault.missed, fault.witnessed);
     assert!(
         kernel >= 20,
         "expected dozens of retransmits, the kernel counted {kernel} ({})",
@@ -779,17 +781,10 @@ fn retransmits_match_the_kernels_own_counter() {
         return;
     };
     let fault = drop_fault(test, &agent, &net, &sink, || drop(busy));
-    let FaultCount {
-        kernel,
-        probe,
-        missed,
-        witnessed,
-        ..
-    } = fault;
     println!(
-        "DROP rule, another tracer busy on every CPU: kernel RetransSegs delta {kernel}, probe {probe}, bpftrace (classic tracepoint) {witnessed:?}; runs of the agent's program the kernel skipped {missed}; {}",
-        fault.context
+        "DROP rule, another tracer busy on every CPU (bpftrace's is a classic tracepoint): {fault}"
     );
+    let (kernel, probe, missed) = (fault.kernel, fault.probe, fault.missed);
     assert!(
         kernel >= 20,
         "expected dozens of retransmits, the kernel counted {kernel} ({})",
