@@ -431,11 +431,8 @@ impl Agent {
             "# HELP probes_offcpu_capture_running 1 while an off-CPU capture (GET /debug/offcpu) runs: its program runs on every context switch of the host.\n\
              # TYPE probes_offcpu_capture_running gauge\n",
         );
-        out.push_str(if self.offcpu_capture_running() {
-            "probes_offcpu_capture_running 1\n"
-        } else {
-            "probes_offcpu_capture_running 0\n"
-        });
+        let running = u8::from(self.offcpu_capture_running());
+        out.push_str(&format!("probes_offcpu_capture_running {running}\n"));
         out
     }
 

@@ -550,10 +550,6 @@ impl Drop for BusyTracer {
     }
 }
 
-/// 8 paced streams from `net.a` to the sink for 4 s, a DROP rule on the sink's port from
-/// 300 ms on, then a reset; `after_traffic` runs once the streams are gone. Returns the
-/// retransmitted segments counted by the kernel (`RetransSegs` in `net.a`), by the probe for
-/// these flows, and by bpftrace on the same tracepoint (`None` without bpftrace).
 /// What one DROP-rule fault made the kernel, the probe and bpftrace count.
 struct FaultCount {
     /// RetransSegs delta of the sending namespace.
@@ -589,6 +585,9 @@ fn retransmit_misses(agent: &Agent) -> u64 {
         .sum()
 }
 
+/// 8 paced streams from `net.a` to the sink for 4 s, a DROP rule on the sink's port from
+/// 300 ms on, then a reset; `after_traffic` runs once the streams are gone. Returns what the
+/// kernel (`net.a`'s counters), the probe (for these flows) and bpftrace counted.
 fn drop_fault(
     test: &str,
     agent: &Agent,
