@@ -112,6 +112,12 @@ struct OverheadArgs {
     /// continuously meanwhile, so their first symbolization is not in the windows.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     warmup: Duration,
+    /// With `--subject probes`: after the agent is started or stopped, wait this long before
+    /// the window begins, so that an "on" window measures a settled agent (its first lab
+    /// refresh, socket scan and cold caches are a one-off of its start) and an "off" window
+    /// does not catch the agent's exit.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    settle: Duration,
     /// With `--subject profiling`: after the windows, profile back to back this long (whole
     /// pprof-rs sessions and their renewals: the steady state of a continuous profiler);
     /// 0s skips it [default: three times kit's session age plus two profiles].
@@ -299,6 +305,7 @@ async fn overhead_cmd(a: OverheadArgs) -> anyhow::Result<()> {
         hz: a.hz,
         profile_seconds: a.profile.as_secs().max(1),
         warmup: a.warmup,
+        settle: a.settle,
         steady: a.steady.unwrap_or(
             3 * kit::debug::SESSION_MAX_AGE + 2 * Duration::from_secs(a.profile.as_secs().max(1)),
         ),

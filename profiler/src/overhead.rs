@@ -76,6 +76,10 @@ pub struct OverheadOptions {
     /// first symbolization of its code is not charged to the "on" windows (it is reported
     /// as `warmup_building_cpu_seconds`).
     pub warmup: Duration,
+    /// Probes subject: wait this long after starting or stopping the agent before a window
+    /// begins (the agent's start-up — first lab refresh, socket scan, cold caches — and its
+    /// exit are one-offs, not the steady state the windows measure).
+    pub settle: Duration,
     /// Profiling subject: after the windows, profile back to back for this long and charge
     /// every profile's building cost, session renewals included (kit renews its pprof-rs
     /// session every `SESSION_MAX_AGE`, and a session's profiles cost more the older it is):
@@ -168,6 +172,9 @@ pub struct Report {
     pub subject: String,
     pub rate_per_sec: f64,
     pub window_s: f64,
+    /// Probes subject: seconds waited after each start or stop of the agent before a window.
+    #[serde(default)]
+    pub settle_s: f64,
     pub pairs: usize,
     pub hz: u32,
     /// Length of each back-to-back profile in an "on" window.
@@ -466,7 +473,7 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
         .all(|s| s.pid.and_then(cpu_seconds_proc).is_some());
     let window_s = opts.window.as_secs().max(2);
     let total = opts.warmup
-        + Duration::from_secs((window_s + 30) * 2 * opts.pairs as u64)
+        + (Duration::from_secs(window_s + 30) + opts.settle) * 2 * opts.pairs as u32
         + Duration::from_secs(60);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let spec = loadgen::run::RunSpec {
@@ -556,7 +563,10 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
                 // verifying the programs) is not charged to the steady state measured here.
                 let mut agent_before = crate::agent::AgentReading::default();
                 if let Some((agent, _)) = &probes {
-                    agent.set(profiling).await?;
+                    if agent.running()? != profiling {
+                        agent.set(profiling).await?;
+                        tokio::time::sleep(opts.settle).await;
+                    }
                     agent_before = agent.read().await?;
                 }
                 let before = read_counters(stack, use_proc).await?;
@@ -594,8 +604,16 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
             }
         }
         if let Some((agent, _)) = &probes {
-            let w =
-                stats_window(stack, agent, window_s, use_proc, opts.rate, windows.len()).await?;
+            let w = stats_window(
+                stack,
+                agent,
+                window_s,
+                use_proc,
+                opts.rate,
+                windows.len(),
+                opts.settle,
+            )
+            .await?;
             return Ok((None, Some(w)));
         }
         if opts.subject == Subject::Profiling && !opts.steady.is_zero() {
@@ -650,8 +668,12 @@ async fn stats_window(
     use_proc: bool,
     rate: f64,
     index: usize,
+    settle: Duration,
 ) -> anyhow::Result<Window> {
-    agent.set(true).await?;
+    if !agent.running()? {
+        agent.set(true).await?;
+        tokio::time::sleep(settle).await;
+    }
     let stats = crate::agent::BpfStats::enable()?;
     let agent_before = agent.read().await?;
     let before = read_counters(stack, use_proc).await?;
@@ -948,6 +970,10 @@ pub fn summarize(
         subject: opts.subject.name().into(),
         rate_per_sec: opts.rate,
         window_s: opts.window.as_secs_f64(),
+        settle_s: match opts.subject {
+            Subject::ProbesAgent => opts.settle.as_secs_f64(),
+            Subject::Profiling => 0.0,
+        },
         pairs: opts.pairs,
         hz: opts.hz,
         profile_s: opts.profile_seconds,
@@ -1036,6 +1062,7 @@ mod tests {
             hz: 99,
             profile_seconds: 10,
             warmup: Duration::from_secs(5),
+            settle: Duration::ZERO,
             steady: Duration::ZERO,
             json: PathBuf::from("x.json"),
             seed: 1,
