@@ -73,6 +73,16 @@ impl Agent {
         Ok(())
     }
 
+    /// Starts or stops the agent unless it already is as asked; after a switch, waits `settle`
+    /// so that what is measured next is a settled agent (or a finished exit), not the switch.
+    pub async fn switch_settled(&self, on: bool, settle: Duration) -> anyhow::Result<()> {
+        if self.running()? != on {
+            self.set(on).await?;
+            tokio::time::sleep(settle).await;
+        }
+        Ok(())
+    }
+
     /// Whether the agent is running now.
     pub fn running(&self) -> anyhow::Result<bool> {
         let state = LabState::read(&self.state_file)?;

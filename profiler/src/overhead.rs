@@ -563,10 +563,7 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
                 // verifying the programs) is not charged to the steady state measured here.
                 let mut agent_before = crate::agent::AgentReading::default();
                 if let Some((agent, _)) = &probes {
-                    if agent.running()? != profiling {
-                        agent.set(profiling).await?;
-                        tokio::time::sleep(opts.settle).await;
-                    }
+                    agent.switch_settled(profiling, opts.settle).await?;
                     agent_before = agent.read().await?;
                 }
                 let before = read_counters(stack, use_proc).await?;
@@ -670,10 +667,7 @@ async fn stats_window(
     index: usize,
     settle: Duration,
 ) -> anyhow::Result<Window> {
-    if !agent.running()? {
-        agent.set(true).await?;
-        tokio::time::sleep(settle).await;
-    }
+    agent.switch_settled(true, settle).await?;
     let stats = crate::agent::BpfStats::enable()?;
     let agent_before = agent.read().await?;
     let before = read_counters(stack, use_proc).await?;
