@@ -137,23 +137,25 @@ impl Prometheus {
 mod tests {
     use super::*;
 
-    fn config_with_rules(repo: &std::path::Path) -> LabConfig {
-        let mut cfg = LabConfig::new("/tmp/lab", [Component::OrderGateway, Component::Prometheus]);
+    fn config_of<const N: usize>(repo: &std::path::Path, components: [Component; N]) -> LabConfig {
+        let mut cfg = LabConfig::new("/tmp/lab", components);
         cfg.repo = Some(repo.to_path_buf());
         cfg
     }
 
+    fn config_with_rules(repo: &std::path::Path) -> LabConfig {
+        config_of(repo, [Component::OrderGateway, Component::Prometheus])
+    }
+
     fn config_with_agent(repo: &std::path::Path) -> LabConfig {
-        let mut cfg = LabConfig::new(
-            "/tmp/lab",
+        config_of(
+            repo,
             [
                 Component::OrderGateway,
                 Component::Prometheus,
                 Component::Probes,
             ],
-        );
-        cfg.repo = Some(repo.to_path_buf());
-        cfg
+        )
     }
 
     #[test]
