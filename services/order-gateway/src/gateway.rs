@@ -15,7 +15,7 @@ use crate::config::GatewayConfig;
 use crate::error::{AppError, ErrorDetail};
 use crate::idempotency::{self, Begin, Idempotency, Reservation, StoredAnswer};
 use crate::ids::{DirLock, IdError, OrderIds};
-use crate::known::{KnownOrder, KnownOrders};
+use crate::known::{KnownOrder, KnownOrders, KnownView};
 use crate::upstream::{self, CallError, EngineAnswer, EngineClient, PersistenceClient};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -248,16 +248,19 @@ impl Gateway {
     fn queued_known(&self, order: &NewOrder) -> KnownOrder {
         KnownOrder {
             symbol: order.symbol.clone(),
-            view: Arc::new(answers::queued_view(order, self.spec(&order.symbol))),
+            view: KnownView::Json(Arc::new(answers::queued_view(
+                order,
+                self.spec(&order.symbol),
+            ))),
         }
     }
 
-    fn remember_answer(&self, answer: &OrderAnswer, symbol: &Symbol) {
+    fn remember_answer(&self, answer: Arc<OrderAnswer>, symbol: &Symbol) {
         self.inner.known.answered(
             answer.order_id,
             KnownOrder {
                 symbol: symbol.clone(),
-                view: Arc::new(answers::answered_view(answer)),
+                view: KnownView::Answered(answer),
             },
         );
     }
@@ -304,13 +307,13 @@ impl Gateway {
         }
         match self.inner.batcher.send(command.clone()).await {
             Ok(EngineAnswer::Outcome(outcome)) => {
-                let answer = OrderAnswer::from_outcome(
+                let answer = Arc::new(OrderAnswer::from_outcome(
                     &outcome,
                     Some(&order.client_order_id),
                     self.spec(&order.symbol),
-                );
-                self.remember_answer(&answer, &order.symbol);
-                let body = to_json_bytes(&answer)?;
+                ));
+                let body = to_json_bytes(&*answer)?;
+                self.remember_answer(answer, &order.symbol);
                 let stored = reservation.complete(StoredAnswer { status: 201, body });
                 match outcome.reject_reason {
                     Some(reason) => count_rejected(reason.as_str()),
@@ -448,20 +451,20 @@ impl Gateway {
         let symbol = known.as_ref().map(|k| k.symbol.clone());
         let client_order_id = known.as_ref().and_then(|k| {
             k.view
-                .get("client_order_id")
-                .and_then(|v| v.as_str())
+                .client_order_id()
                 .and_then(|s| ClientOrderId::parse("client_order_id", s).ok())
         });
-        let answer = OrderAnswer::from_outcome(
+        let answer = Arc::new(OrderAnswer::from_outcome(
             outcome,
             client_order_id.as_ref(),
             symbol.as_ref().and_then(|s| self.spec(s)),
-        );
+        ));
+        let body = to_json_bytes(&*answer)?;
         if let Some(s) = &symbol {
-            self.remember_answer(&answer, s);
+            self.remember_answer(answer, s);
         }
         count_cancel("cancelled");
-        Ok(json_response(StatusCode::OK, to_json_bytes(&answer)?))
+        Ok(json_response(StatusCode::OK, body))
     }
 
     async fn queue_cancel(&self, command: &Command) -> Result<Response, AppError> {
@@ -524,7 +527,10 @@ impl Gateway {
     }
 
     fn known_response(&self, k: &KnownOrder) -> Result<Response, AppError> {
-        Ok(json_response(StatusCode::OK, to_json_bytes(&*k.view)?))
+        Ok(json_response(
+            StatusCode::OK,
+            to_json_bytes(&k.view.to_value())?,
+        ))
     }
 
     /// `GET /v1/book/{symbol}?depth=N`, from the engine as it answered.
@@ -600,12 +606,12 @@ impl Gateway {
             Ok(EngineAnswer::Outcome(outcome)) => {
                 if let Command::NewOrder(order) = &command {
                     self.inner.known.dequeued(order.order_id);
-                    let answer = OrderAnswer::from_outcome(
+                    let answer = Arc::new(OrderAnswer::from_outcome(
                         &outcome,
                         Some(&order.client_order_id),
                         self.spec(&order.symbol),
-                    );
-                    self.remember_answer(&answer, &order.symbol);
+                    ));
+                    self.remember_answer(answer, &order.symbol);
                     if outcome.order_id != order.order_id {
                         tracing::warn!(order_id = %order.order_id, original_order_id = %outcome.order_id, client_order_id = %order.client_order_id, "queued order was a retry of an earlier order; the engine kept the original");
                     }
@@ -620,14 +626,14 @@ impl Gateway {
                         order.order_id,
                         KnownOrder {
                             symbol: order.symbol.clone(),
-                            view: Arc::new(serde_json::json!({
+                            view: KnownView::Json(Arc::new(serde_json::json!({
                                 "order_id": order.order_id,
                                 "client_order_id": order.client_order_id,
                                 "symbol": order.symbol,
                                 "status": "rejected",
                                 "error": detail,
                                 "source": "gateway",
-                            })),
+                            }))),
                         },
                     );
                 }
