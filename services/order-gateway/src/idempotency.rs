@@ -60,6 +60,15 @@ enum Slot {
     },
 }
 
+impl Slot {
+    fn token(&self) -> Option<u64> {
+        match self {
+            Slot::InFlight { token, .. } => Some(*token),
+            Slot::Answered { .. } => None,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Store {
     map: HashMap<String, Slot>,
@@ -177,15 +186,21 @@ impl Idempotency {
         fingerprint: Fingerprint,
         answer: Arc<StoredAnswer>,
     ) {
-        st.bytes += entry_bytes(&key, &answer);
-        st.order.push_back(key.clone());
         st.map.insert(
-            key,
+            key.clone(),
             Slot::Answered {
                 fingerprint,
-                answer,
+                answer: answer.clone(),
             },
         );
+        self.answered_in_place(st, key, &answer);
+    }
+
+    /// Accounts for `key`, whose slot in the map already holds `answer`, and forgets the
+    /// oldest answers beyond the bounds.
+    fn answered_in_place(&self, st: &mut Store, key: String, answer: &StoredAnswer) {
+        st.bytes += entry_bytes(&key, answer);
+        st.order.push_back(key);
         while st.order.len() > self.max_entries || st.bytes > self.max_bytes {
             let Some(oldest) = st.order.pop_front() else {
                 break;
@@ -219,15 +234,20 @@ impl Reservation {
         let answer = Arc::new(answer);
         {
             let mut st = self.store.lock();
-            let ours = matches!(st.map.get(&self.key), Some(Slot::InFlight { token, .. }) if *token == self.token);
+            // The slot is turned into the answer where it is: one lookup, no new key.
+            let ours = match st.map.get_mut(&self.key) {
+                Some(slot @ Slot::InFlight { .. }) if slot.token() == Some(self.token) => {
+                    *slot = Slot::Answered {
+                        fingerprint: self.fingerprint,
+                        answer: answer.clone(),
+                    };
+                    true
+                }
+                _ => false,
+            };
             if ours {
-                st.map.remove(&self.key);
-                self.store.insert_answered(
-                    &mut st,
-                    self.key.clone(),
-                    self.fingerprint,
-                    answer.clone(),
-                );
+                let key = std::mem::take(&mut self.key);
+                self.store.answered_in_place(&mut st, key, &answer);
             }
         }
         if let Some(tx) = self.tx.take() {
