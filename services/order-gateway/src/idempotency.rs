@@ -61,11 +61,10 @@ enum Slot {
 }
 
 impl Slot {
-    fn token(&self) -> Option<u64> {
-        match self {
-            Slot::InFlight { token, .. } => Some(*token),
-            Slot::Answered { .. } => None,
-        }
+    /// Whether this is the in-flight slot of the reservation holding `token` (not a later
+    /// request's, after the key was freed and taken again).
+    fn held_by(&self, token: u64) -> bool {
+        matches!(self, Slot::InFlight { token: t, .. } if *t == token)
     }
 }
 
@@ -236,7 +235,7 @@ impl Reservation {
             let mut st = self.store.lock();
             // The slot is turned into the answer where it is: one lookup, no new key.
             let ours = match st.map.get_mut(&self.key) {
-                Some(slot @ Slot::InFlight { .. }) if slot.token() == Some(self.token) => {
+                Some(slot) if slot.held_by(self.token) => {
                     *slot = Slot::Answered {
                         fingerprint: self.fingerprint,
                         answer: answer.clone(),
@@ -261,8 +260,11 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(tx) = self.tx.take() {
             let mut st = self.store.lock();
-            let ours = matches!(st.map.get(&self.key), Some(Slot::InFlight { token, .. }) if *token == self.token);
-            if ours {
+            if st
+                .map
+                .get(&self.key)
+                .is_some_and(|slot| slot.held_by(self.token))
+            {
                 st.map.remove(&self.key);
             }
             drop(st);
