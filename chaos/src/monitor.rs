@@ -145,6 +145,36 @@ async fn scrape(client: &reqwest::Client, url: &str) -> Option<Vec<Series>> {
     Some(parse_metrics(&r.text().await.ok()?))
 }
 
+/// Asks the eBPF agent, when it runs, to keep its sampled probes (run queue, block I/O)
+/// attached for `seconds` (`POST /debug/sampling/hold`), so the kernel evidence of an
+/// experiment covers all of it; `seconds == 0` ends the hold (`DELETE`). Best effort: an
+/// agent that is not running, or too old to sample, changes nothing.
+pub async fn hold_kernel_sampling(stack: &Stack, seconds: u64) {
+    let Some(url) = stack
+        .url(Component::Probes)
+        .ok()
+        .filter(|u| u.starts_with("http"))
+    else {
+        return;
+    };
+    let client = reqwest::Client::new();
+    let request = if seconds == 0 {
+        client.delete(format!("{url}/debug/sampling/hold"))
+    } else {
+        client.post(format!(
+            "{url}/debug/sampling/hold?seconds={}",
+            seconds.min(3600)
+        ))
+    };
+    match request.timeout(Duration::from_secs(3)).send().await {
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => {
+            tracing::info!(status = %r.status(), "the eBPF agent did not take the sampling hold")
+        }
+        Err(e) => tracing::debug!(error = %e, "no eBPF agent to hold sampling"),
+    }
+}
+
 /// Samples the stack every `every` until `stop` resolves; returns the samples.
 pub async fn watch(
     stack: Stack,

@@ -278,6 +278,11 @@ pub async fn run(
         },
         live.clone(),
     ));
+    // Outside experiments the agent attaches its run-queue and block I/O programs only part
+    // of the time (docs/probes.md, "Sampling"); hold them for the whole run so the kernel
+    // evidence covers every second of it. The hold outlives a run that fails on the way.
+    let sampling_hold_s = (timing.baseline_s + timing.hold_s + timing.recovery_s + 120.0).ceil();
+    monitor::hold_kernel_sampling(&stack, sampling_hold_s as u64).await;
     let (stop_monitor_tx, mut stop_monitor_rx) = watch::channel(false);
     let monitor = tokio::spawn(monitor::watch(
         stack.clone(),
@@ -484,6 +489,7 @@ pub async fn run(
     let _ = wait(1.0, &mut cancel).await;
     let _ = stop_monitor_tx.send(true);
     let samples = monitor.await.unwrap_or_default();
+    monitor::hold_kernel_sampling(&stack, 0).await;
     if let Some(task) = capacity_during {
         report.capacity_during = task.await.ok().and_then(Result::ok);
     }

@@ -262,6 +262,21 @@ static __always_inline struct event *reserve(__u32 kind)
 	return e;
 }
 
+/* The agent drains the ring on every poll of the maps (every few seconds, and whenever
+ * /metrics or /events is read), so an event does not wake it: a quiet machine then costs no
+ * wake-up, read and decode per connection. The ring wakes it when it is a quarter full, so a
+ * burst (a connect storm during a partition) is drained long before anything is dropped, and
+ * for an OOM kill, which should reach /events at once. */
+#define RING_WAKE_BYTES (64 * 1024)
+
+static __always_inline void submit(struct event *e, int urgent)
+{
+	__u64 flags = BPF_RB_NO_WAKEUP;
+	if (urgent || bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= RING_WAKE_BYTES)
+		flags = BPF_RB_FORCE_WAKEUP;
+	bpf_ringbuf_submit(e, flags);
+}
+
 /* ---------------------------------------------------------------- tcp_retransmit */
 
 /* Early exits of __tcp_retransmit_skb: the tracepoint fired (6.10+), nothing was sent and
@@ -437,7 +452,7 @@ static __always_inline int on_set_state(__u64 sk, int old, int new, const struct
 		fill_tuple(e, t);
 		e->oldstate = (__u8)old;
 		e->newstate = (__u8)new;
-		bpf_ringbuf_submit(e, 0);
+		submit(e, 0);
 	forget:
 		bpf_map_delete_elem(&socks, &sk);
 		return 0;
@@ -447,7 +462,7 @@ static __always_inline int on_set_state(__u64 sk, int old, int new, const struct
 	fill_tuple(e, t);
 	e->oldstate = (__u8)old;
 	e->newstate = (__u8)new;
-	bpf_ringbuf_submit(e, 0);
+	submit(e, 0);
 	return 0;
 }
 
@@ -497,7 +512,7 @@ int tcp_receive_reset(struct tp_tcp_receive_reset *tp)
 	fill_tuple_v(e, ctx->family, ctx->saddr, ctx->daddr, ctx->saddr_v6, ctx->daddr_v6);
 	e->sport = ctx->sport;
 	e->dport = ctx->dport;
-	bpf_ringbuf_submit(e, 0);
+	submit(e, 0);
 	return 0;
 }
 
@@ -535,7 +550,7 @@ int tcp_send_reset(struct tp_tcp_send_reset *tp)
 	from_sockaddr(ctx->daddr, e->daddr, &e->dport, &fam2);
 	e->oldstate = (__u8)ctx->state;
 	e->reason = ctx->reason;
-	bpf_ringbuf_submit(e, 0);
+	submit(e, 0);
 	return 0;
 }
 
@@ -1024,6 +1039,6 @@ int oom_mark_victim(struct tp_mark_victim *ctx)
 	e->pgtables = ctx->pgtables;
 	e->uid = ctx->uid;
 	e->oom_score_adj = ctx->oom_score_adj;
-	bpf_ringbuf_submit(e, 0);
+	submit(e, 1);
 	return 0;
 }

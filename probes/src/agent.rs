@@ -1,19 +1,27 @@
 //! The agent: the loaded probes, the lab view, and the numbers and events built from them.
 //!
-//! Three activities, each also callable directly (tests drive them by hand):
+//! Four activities, each also callable directly (tests drive them by hand):
 //!
 //! * [`Agent::drain_events`]: decode the ring buffer (connects, failures, resets, closes, OOM
-//!   kills) into counters, histograms and `/events`; woken by the ring buffer's fd.
-//! * [`Agent::poll`]: read the aggregating maps (retransmits, run queue, block I/O, kernel
-//!   counters, program statistics), every `poll_interval`; a flow whose retransmit count grew
-//!   since the previous poll becomes a `retransmit_burst` event.
+//!   kills) into counters, histograms and `/events`; on every poll, and when the ring's fd
+//!   wakes the agent (the programs wake it only when the ring is a quarter full, or for an
+//!   OOM kill: an event per connection would otherwise cost a wake-up each).
+//! * [`Agent::poll`]: drain the ring, then read the aggregating maps (retransmits, run queue,
+//!   block I/O, kernel counters, program statistics): every `poll_interval` (10 s), and before
+//!   every `/metrics` and `/events` answer, so what a reader gets is current while an idle
+//!   agent does little; a flow whose retransmit count grew since the previous poll becomes a
+//!   `retransmit_burst` event.
+//! * the sampling cycle: attaches the hot-path programs (run queue, block I/O) for
+//!   `sample_window` out of every `sample_period`, and keeps them attached while a hold
+//!   ([`Agent::hold_sampling`]) lasts.
 //! * [`Agent::refresh`]: re-read the lab state, rescan `/proc`, and sync the kernel's
 //!   `tracked` map: every `refresh_interval` when the lab state file changed (a component
 //!   started, restarted or stopped), else every `rescan_interval` (threads and children
 //!   created in between are already followed by the kernel: they inherit their parent's
 //!   component at `sched_wakeup_new`).
 //!
-//! Lock order: `kernel` before `inner`; neither is held across a `/proc` scan.
+//! Lock order: `kernel` before `inner`; neither is held across a `/proc` scan; `sampling` is
+//! taken alone.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -62,6 +70,14 @@ pub struct AgentOptions {
     /// Time block requests from the kernel's own issue stamp where the queue keeps one (no
     /// map entry per request); `false`: the programs time every request themselves.
     pub kernel_block_stamps: bool,
+    /// Sampling of the hot-path probes (run queue: a program on every context switch; block
+    /// I/O: two on every request): their programs are attached for `sample_window` out of
+    /// every `sample_period`, and continuously while someone holds them
+    /// ([`Agent::hold_sampling`]: the chaos experiments do). A zero period, or a window as long
+    /// as the period, keeps them attached. Only [`Agent::run_background`] cycles them; an agent
+    /// driven by hand keeps them attached.
+    pub sample_window: Duration,
+    pub sample_period: Duration,
 }
 
 impl Default for AgentOptions {
@@ -70,15 +86,69 @@ impl Default for AgentOptions {
             lab_state: None,
             bpf_stats: false,
             events_capacity: crate::events::DEFAULT_CAPACITY,
-            poll_interval: Duration::from_secs(1),
+            poll_interval: Duration::from_secs(10),
             refresh_interval: Duration::from_secs(2),
-            rescan_interval: Duration::from_secs(10),
+            rescan_interval: Duration::from_secs(30),
             probes: None,
             scan_sockets: true,
-            socket_scan_interval: Duration::from_secs(15),
+            socket_scan_interval: Duration::from_secs(30),
             cgroup_root: PathBuf::from(procfs::CGROUP_ROOT),
             burst_min: 1,
             kernel_block_stamps: true,
+            sample_window: DEFAULT_SAMPLE_WINDOW,
+            sample_period: DEFAULT_SAMPLE_PERIOD,
+        }
+    }
+}
+
+/// The default sampling: the hot-path programs attached 2 s out of every 10 (a fifth of the
+/// time), so a 15 s rate window always holds at least one open window.
+pub const DEFAULT_SAMPLE_WINDOW: Duration = Duration::from_secs(2);
+pub const DEFAULT_SAMPLE_PERIOD: Duration = Duration::from_secs(10);
+
+/// The longest single hold of the sampled probes ([`Agent::hold_sampling`]).
+pub const MAX_SAMPLING_HOLD: Duration = Duration::from_secs(3600);
+
+/// Where the sampling cycle stands.
+#[derive(Debug)]
+struct Sampling {
+    /// Attached now (mirrors the kernel's state, which is the truth).
+    open: bool,
+    /// When the current open or closed stretch began.
+    since: std::time::Instant,
+    /// Time attached before the current stretch.
+    open_before: Duration,
+    /// Held open until then.
+    held_until: Option<std::time::Instant>,
+    /// The last failure to attach or detach, for `/debug/sampling`.
+    last_error: Option<String>,
+}
+
+/// What `/debug/sampling` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SamplingStatus {
+    /// The probes whose hot-path programs are sampled (attached ones only).
+    pub probes: Vec<&'static str>,
+    /// `false`: always attached (a zero period, or a window as long as it).
+    pub cycling: bool,
+    pub window_s: f64,
+    pub period_s: f64,
+    /// Whether the programs are attached now.
+    pub open: bool,
+    /// Seconds attached since the agent started.
+    pub open_seconds_total: f64,
+    /// Seconds a hold keeps them attached from now; 0 without a hold.
+    pub held_for_s: f64,
+    pub last_error: Option<String>,
+}
+
+impl Sampling {
+    /// Time attached up to `now`.
+    fn open_seconds(&self, now: std::time::Instant) -> Duration {
+        if self.open {
+            self.open_before + now.saturating_duration_since(self.since)
+        } else {
+            self.open_before
         }
     }
 }
@@ -115,6 +185,9 @@ pub struct Agent {
     /// An off-CPU capture (`GET /debug/offcpu`) is running: one at a time, each attaches a
     /// program to every context switch of the host.
     offcpu_busy: Arc<AtomicBool>,
+    sampling: Mutex<Sampling>,
+    /// Woken when a hold is taken or released, so the cycle reacts at once.
+    sampling_changed: tokio::sync::Notify,
 }
 
 /// A file's (modified time, length): changes when the lab rewrites its state.
@@ -184,6 +257,14 @@ impl Agent {
             refresh_lock: Mutex::new(None),
             last_refresh: Mutex::new(None),
             offcpu_busy: Arc::new(AtomicBool::new(false)),
+            sampling: Mutex::new(Sampling {
+                open: true,
+                since: std::time::Instant::now(),
+                open_before: Duration::ZERO,
+                held_until: None,
+                last_error: None,
+            }),
+            sampling_changed: tokio::sync::Notify::new(),
             options,
         };
         agent.refresh().map_err(LoadError::Other)?;
@@ -223,14 +304,19 @@ impl Agent {
     /// passed; returns whether it did. A rescan reads `/proc` for every process on the host
     /// (the process tree), so it is not repeated when nothing says the lab changed.
     pub fn refresh_if_due(&self) -> anyhow::Result<bool> {
-        let fingerprint = self.lab_state_fingerprint();
-        let due = lock(&self.last_refresh).is_none_or(|(at, seen)| {
-            seen != fingerprint || at.elapsed() >= self.options.rescan_interval
-        });
+        let due = self.refresh_due();
         if due {
             self.refresh()?;
         }
         Ok(due)
+    }
+
+    /// Whether [`Agent::refresh_if_due`] would refresh now: one `stat` of the state file.
+    pub fn refresh_due(&self) -> bool {
+        let fingerprint = self.lab_state_fingerprint();
+        lock(&self.last_refresh).is_none_or(|(at, seen)| {
+            seen != fingerprint || at.elapsed() >= self.options.rescan_interval
+        })
     }
 
     /// Re-reads the lab state, rebuilds attribution and syncs the kernel's task filter.
@@ -425,8 +511,148 @@ impl Agent {
     }
 
     /// The Prometheus text of every probe metric.
+    /// Whether the sampling cycle runs (see [`AgentOptions::sample_period`]).
+    fn sampling_cycles(&self) -> bool {
+        let o = &self.options;
+        !o.sample_period.is_zero() && o.sample_window < o.sample_period
+    }
+
+    /// Keeps the sampled probes' programs attached for `for_` from now (at most
+    /// [`MAX_SAMPLING_HOLD`]; a longer hold already taken is kept). Returns how long the hold
+    /// now lasts. The background cycle attaches them at once.
+    pub fn hold_sampling(&self, for_: Duration) -> Duration {
+        let now = std::time::Instant::now();
+        let until = now + for_.min(MAX_SAMPLING_HOLD);
+        let held = {
+            let mut s = lock(&self.sampling);
+            let until = s.held_until.filter(|t| *t > until).unwrap_or(until);
+            s.held_until = Some(until);
+            until - now
+        };
+        if !lock(&self.sampling).open {
+            self.set_sampling(true);
+        }
+        self.sampling_changed.notify_one();
+        held
+    }
+
+    /// Ends any hold: the cycle goes on from where it is (an open window that has lasted long
+    /// enough closes at once).
+    pub fn release_sampling(&self) {
+        lock(&self.sampling).held_until = None;
+        self.sampling_changed.notify_one();
+    }
+
+    /// Where sampling stands.
+    pub fn sampling_status(&self) -> SamplingStatus {
+        let probes = lock(&self.kernel).sampled_probes();
+        let now = std::time::Instant::now();
+        let s = lock(&self.sampling);
+        SamplingStatus {
+            probes,
+            cycling: self.sampling_cycles(),
+            window_s: self.options.sample_window.as_secs_f64(),
+            period_s: self.options.sample_period.as_secs_f64(),
+            open: s.open,
+            open_seconds_total: s.open_seconds(now).as_secs_f64(),
+            held_for_s: s
+                .held_until
+                .map_or(0.0, |t| t.saturating_duration_since(now).as_secs_f64()),
+            last_error: s.last_error.clone(),
+        }
+    }
+
+    /// Attaches or detaches the sampled programs and records it.
+    fn set_sampling(&self, open: bool) {
+        let result = lock(&self.kernel).set_sampling_open(open);
+        let actual = lock(&self.kernel).sampling_open();
+        let now = std::time::Instant::now();
+        let mut s = lock(&self.sampling);
+        if actual != s.open {
+            if s.open {
+                let stretch = now - s.since;
+                s.open_before += stretch;
+            }
+            s.open = actual;
+            s.since = now;
+        }
+        match result {
+            Ok(()) => s.last_error = None,
+            Err(e) => {
+                let why = format!("{e:#}");
+                if s.last_error.as_ref() != Some(&why) {
+                    tracing::warn!(error = %why, open, "switching the sampled probes");
+                }
+                s.last_error = Some(why);
+            }
+        }
+    }
+
+    /// One step of the sampling cycle: opens or closes the window when due, and says when
+    /// the next step is due.
+    fn sampling_step(&self) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        let far = now + Duration::from_secs(3600);
+        if lock(&self.kernel).sampled_probes().is_empty() {
+            return far;
+        }
+        let (open, since, held_until) = {
+            let s = lock(&self.sampling);
+            (s.open, s.since, s.held_until.filter(|t| *t > now))
+        };
+        let window = self.options.sample_window;
+        let closed_for = self.options.sample_period.saturating_sub(window);
+        let (want_open, next) = if !self.sampling_cycles() {
+            (true, far)
+        } else if let Some(until) = held_until {
+            (true, until)
+        } else if open {
+            if now >= since + window {
+                (false, now + closed_for)
+            } else {
+                (true, since + window)
+            }
+        } else if now >= since + closed_for {
+            (true, now + window)
+        } else {
+            (false, since + closed_for)
+        };
+        if want_open != open {
+            self.set_sampling(want_open);
+        }
+        // A failed switch is retried a period later, not in a tight loop.
+        next.max(now + Duration::from_millis(100))
+    }
+
     pub fn render_metrics(&self) -> String {
         let mut out = lock(&self.inner).aggregates.render();
+        let probes = lock(&self.kernel).sampled_probes();
+        if !probes.is_empty() {
+            let (open, seconds) = {
+                let s = lock(&self.sampling);
+                (s.open, s.open_seconds(std::time::Instant::now()))
+            };
+            out.push_str(
+                "# HELP probes_sampled_seconds_total Seconds the probe's hot-path programs were attached. The run-queue and block I/O probes are sampled (attached a window out of every period, and continuously while held, as during a chaos experiment): divide a rate of their counters by the rate of this to get the rate while observed.\n\
+                 # TYPE probes_sampled_seconds_total counter\n",
+            );
+            for p in &probes {
+                out.push_str(&format!(
+                    "probes_sampled_seconds_total{{probe=\"{p}\"}} {:.3}\n",
+                    seconds.as_secs_f64()
+                ));
+            }
+            out.push_str(
+                "# HELP probes_sampling_open 1 while the probe's hot-path programs are attached.\n\
+                 # TYPE probes_sampling_open gauge\n",
+            );
+            for p in &probes {
+                out.push_str(&format!(
+                    "probes_sampling_open{{probe=\"{p}\"}} {}\n",
+                    u8::from(open)
+                ));
+            }
+        }
         out.push_str(
             "# HELP probes_offcpu_capture_running 1 while an off-CPU capture (GET /debug/offcpu) runs: its program runs on every context switch of the host.\n\
              # TYPE probes_offcpu_capture_running gauge\n",
@@ -505,9 +731,16 @@ impl Agent {
         let mut refresh_tick = tokio::time::interval(self.options.refresh_interval);
         poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         refresh_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_sampling_step = tokio::time::Instant::from_std(self.sampling_step());
         loop {
             tokio::select! {
                 _ = shutdown.wait() => return Ok(()),
+                _ = tokio::time::sleep_until(next_sampling_step) => {
+                    next_sampling_step = tokio::time::Instant::from_std(self.sampling_step());
+                }
+                _ = self.sampling_changed.notified() => {
+                    next_sampling_step = tokio::time::Instant::from_std(self.sampling_step());
+                }
                 ready = ring.readable() => {
                     let mut guard = ready.context("waiting on the ring buffer")?;
                     // Clear first: data arriving while we drain raises readiness again.
@@ -515,10 +748,15 @@ impl Agent {
                     self.drain_events();
                 }
                 _ = poll_tick.tick() => self.poll(),
+                // The check is one `stat`, done here; only a due rescan (a `/proc` walk) goes
+                // to the blocking pool.
                 _ = refresh_tick.tick() => {
+                    if !self.refresh_due() {
+                        continue;
+                    }
                     let agent = Arc::clone(&self);
-                    match tokio::task::spawn_blocking(move || agent.refresh_if_due()).await {
-                        Ok(Ok(_)) => {}
+                    match tokio::task::spawn_blocking(move || agent.refresh()).await {
+                        Ok(Ok(())) => {}
                         Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "refreshing the lab view"),
                         Err(e) => tracing::warn!(error = %e, "refresh task failed"),
                     }

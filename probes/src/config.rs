@@ -74,6 +74,12 @@ pub struct AgentConfig {
     /// `runqueue` removes the one program that runs on every context switch of the machine,
     /// most of the agent's cost (docs/probes.md).
     pub probes: Option<Vec<String>>,
+    /// Sampling of the hot-path probes (`runqueue`: a program on every context switch;
+    /// `block_io`: on every block request): attached `sample_window_ms` out of every
+    /// `sample_period_ms`, and continuously while held (`POST /debug/sampling/hold`, as the
+    /// chaos experiments do). `sample_period_ms = 0`: always attached.
+    pub sample_window_ms: u64,
+    pub sample_period_ms: u64,
 }
 
 impl Default for AgentConfig {
@@ -89,6 +95,8 @@ impl Default for AgentConfig {
             scan_sockets: true,
             kernel_block_stamps: d.kernel_block_stamps,
             probes: None,
+            sample_window_ms: d.sample_window.as_millis() as u64,
+            sample_period_ms: d.sample_period.as_millis() as u64,
         }
     }
 }
@@ -120,6 +128,18 @@ impl Validate for ProbesConfig {
             return Err(ConfigError::invalid(
                 "agent.rescan_interval_ms",
                 "must be between agent.refresh_interval_ms and 600000",
+            ));
+        }
+        if a.sample_period_ms != 0 && !(1_000..=3_600_000).contains(&a.sample_period_ms) {
+            return Err(ConfigError::invalid(
+                "agent.sample_period_ms",
+                "must be 0 (always attached) or between 1000 and 3600000",
+            ));
+        }
+        if a.sample_period_ms != 0 && !(100..=a.sample_period_ms).contains(&a.sample_window_ms) {
+            return Err(ConfigError::invalid(
+                "agent.sample_window_ms",
+                "must be between 100 and agent.sample_period_ms",
             ));
         }
         if let Some(list) = &a.probes {
@@ -154,6 +174,8 @@ impl ProbesConfig {
             scan_sockets: self.agent.scan_sockets,
             kernel_block_stamps: self.agent.kernel_block_stamps,
             probes: self.agent.probes.clone(),
+            sample_window: Duration::from_millis(self.agent.sample_window_ms),
+            sample_period: Duration::from_millis(self.agent.sample_period_ms),
             ..AgentOptions::default()
         }
     }
@@ -169,7 +191,7 @@ mod tests {
         assert!(c.validate().is_ok());
         assert_eq!(c.http.addr.port(), DEFAULT_PORT);
         let o = c.agent_options();
-        assert_eq!(o.poll_interval, Duration::from_secs(1));
+        assert_eq!(o.poll_interval, Duration::from_secs(10));
         let mut bad = c.clone();
         bad.agent.poll_interval_ms = 0;
         assert!(
@@ -194,7 +216,29 @@ mod tests {
         );
         some.agent.probes = Some(vec![]);
         assert!(some.validate().unwrap_err().to_string().contains("empty"));
-        assert_eq!(o.rescan_interval, Duration::from_secs(10));
+        assert_eq!(o.rescan_interval, Duration::from_secs(30));
+        assert_eq!(o.sample_window, Duration::from_secs(2));
+        assert_eq!(o.sample_period, Duration::from_secs(10));
+        let mut always = c.clone();
+        always.agent.sample_period_ms = 0;
+        assert!(always.validate().is_ok());
+        assert_eq!(always.agent_options().sample_period, Duration::ZERO);
+        let mut bad = c.clone();
+        bad.agent.sample_window_ms = bad.agent.sample_period_ms + 1;
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("agent.sample_window_ms")
+        );
+        bad.agent.sample_window_ms = 1_000;
+        bad.agent.sample_period_ms = 500;
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("agent.sample_period_ms")
+        );
         let mut bad = c.clone();
         bad.agent.rescan_interval_ms = bad.agent.refresh_interval_ms - 1;
         assert!(

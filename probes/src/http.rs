@@ -1,6 +1,8 @@
 //! The agent's HTTP side: `/metrics` (probe metrics, then kit's process and HTTP metrics),
 //! `GET /events?since=<unix ms>`, `/healthz`, `/readyz`, and (loopback or bearer token only)
-//! `GET /debug/offcpu`. Built as plain `Router`s so tests call them without a socket.
+//! `GET /debug/offcpu` and `/debug/sampling` (`GET`: where sampling stands; `POST
+//! /debug/sampling/hold?seconds=N`: keep the sampled probes attached; `DELETE
+//! /debug/sampling/hold`: end the hold). Built as plain `Router`s so tests call them without a socket.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +12,7 @@ use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::Deserialize;
 
 use crate::agent::Agent;
@@ -36,6 +38,9 @@ pub fn app(agent: Arc<Agent>, extra: ExtraMetrics) -> Router {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
+    // The maps are read when someone asks (and every poll interval in the background), so
+    // what a scrape returns is current however rarely the agent polls by itself.
+    s.agent.poll();
     let mut text = s.agent.render_metrics();
     text.push_str(&(s.extra)());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
@@ -76,21 +81,62 @@ async fn events(State(s): State<AppState>, Query(q): Query<EventsQuery>) -> Resp
                 .into_response();
         }
     };
-    // Events may sit in the ring buffer until the next wakeup; take them first.
-    s.agent.drain_events();
+    // Events sit in the ring buffer until the next poll (it wakes the agent only when a
+    // quarter full), and a retransmit burst is found by a poll: poll first.
+    s.agent.poll();
     axum::Json(serde_json::json!({ "events": s.agent.events_since(since) })).into_response()
 }
 
 /// `GET /debug/offcpu`, behind kit's debug access rule (loopback, or the `[debug]` bearer
 /// token). Merge it after the standard layers: their request timeout would cut a capture short.
 pub fn debug_routes(agent: Arc<Agent>, debug: &kit::config::DebugConfig) -> Router {
+    let sampling = Router::new()
+        .route("/debug/sampling", get(sampling_status))
+        .route(
+            "/debug/sampling/hold",
+            post(sampling_hold).delete(sampling_release),
+        )
+        .with_state(Arc::clone(&agent));
     let router = Router::new()
         .route("/debug/offcpu", get(offcpu_handler))
         .with_state(OffCpuState {
             busy: agent.offcpu_busy(),
             agent,
-        });
+        })
+        .merge(sampling);
     kit::debug::guard_routes(router, debug)
+}
+
+async fn sampling_status(State(agent): State<Arc<Agent>>) -> Response {
+    axum::Json(agent.sampling_status()).into_response()
+}
+
+#[derive(Deserialize)]
+struct HoldQuery {
+    seconds: Option<String>,
+}
+
+/// `POST /debug/sampling/hold?seconds=N` (1 to 3600): the sampled probes stay attached for N
+/// seconds (a longer hold already taken is kept).
+async fn sampling_hold(State(agent): State<Arc<Agent>>, Query(q): Query<HoldQuery>) -> Response {
+    let max = crate::agent::MAX_SAMPLING_HOLD.as_secs();
+    let seconds = match q.seconds.as_deref() {
+        None => return bad_request("seconds", format!("seconds is required (1 to {max})")),
+        Some(v) => match parse_number("seconds", Some(v), 0) {
+            Ok(n) if (1..=max).contains(&n) => n,
+            Ok(n) => {
+                return bad_request("seconds", format!("seconds must be 1 to {max}, got {n}"));
+            }
+            Err(e) => return bad_request("seconds", e),
+        },
+    };
+    agent.hold_sampling(Duration::from_secs(seconds));
+    axum::Json(agent.sampling_status()).into_response()
+}
+
+async fn sampling_release(State(agent): State<Arc<Agent>>) -> Response {
+    agent.release_sampling();
+    axum::Json(agent.sampling_status()).into_response()
 }
 
 #[derive(Clone)]

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::tp_btf::BtfTracePointLinkId;
+use aya::programs::trace_point::TracePointLinkId;
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 
@@ -45,6 +47,10 @@ pub struct Probe {
     /// programs (it counts those skips as the program's misses). Empty: classic tracepoints
     /// only.
     pub btf_programs: &'static [(&'static str, &'static str)],
+    /// The programs (of either kind) that run on the hot path — every context switch, every
+    /// block request — and that the agent may attach only part of the time (sampling, see
+    /// [`Kernel::set_sampling_open`]). Empty: always attached.
+    pub sampled: &'static [&'static str],
 }
 
 /// Every probe, in attach order.
@@ -54,12 +60,14 @@ pub const PROBES: &[Probe] = &[
         what: "TCP retransmits per flow and state",
         programs: &[("tcp_retransmit_skb", layout::TCP_RETRANSMIT_SKB)],
         btf_programs: &[("tcp_retransmit_skb_btf", "tcp_retransmit_skb")],
+        sampled: &[],
     },
     Probe {
         name: "tcp_lifecycle",
         what: "connect attempts, time to establish, failed connects, connection lifetime",
         programs: &[("inet_sock_set_state", layout::INET_SOCK_SET_STATE)],
         btf_programs: &[("inet_sock_set_state_btf", "inet_sock_set_state")],
+        sampled: &[],
     },
     Probe {
         name: "tcp_resets",
@@ -69,6 +77,7 @@ pub const PROBES: &[Probe] = &[
             ("tcp_send_reset", layout::TCP_SEND_RESET),
         ],
         btf_programs: &[],
+        sampled: &[],
     },
     Probe {
         name: "runqueue",
@@ -82,6 +91,9 @@ pub const PROBES: &[Probe] = &[
             ("sched_wakeup_new_btf", "sched_wakeup_new"),
             ("sched_switch_btf", "sched_switch"),
         ],
+        // Not `sched_wakeup_new`: it runs once per new task, and a thread's component is
+        // inherited there, also while the switch program is detached.
+        sampled: &["sched_switch_btf", "sched_switch", "sched_wakeup"],
     },
     Probe {
         name: "block_io",
@@ -94,12 +106,19 @@ pub const PROBES: &[Probe] = &[
             ("block_rq_issue_btf", "block_rq_issue"),
             ("block_rq_complete_btf", "block_rq_complete"),
         ],
+        sampled: &[
+            "block_rq_issue_btf",
+            "block_rq_complete_btf",
+            "block_rq_issue",
+            "block_rq_complete",
+        ],
     },
     Probe {
         name: "oom",
         what: "OOM kills with the victim's pid, command and memory",
         programs: &[("oom_mark_victim", layout::MARK_VICTIM)],
         btf_programs: &[],
+        sampled: &[],
     },
 ];
 
@@ -170,6 +189,10 @@ pub struct Kernel {
     blk: BpfHashMap<MapData, BlkKeyBytes, BlkValBytes>,
     ring: RingBuf<MapData>,
     status: Vec<ProbeStatus>,
+    /// The attached probes' hot-path programs (see [`Probe::sampled`]), by probe.
+    sampled: Vec<(&'static str, Vec<Sampled>)>,
+    /// Whether they are attached now (they are after loading).
+    sampling_open: bool,
     /// Holds `BPF_ENABLE_STATS` on while the agent runs (closed on drop).
     stats_fd: Option<OwnedFd>,
 }
@@ -275,13 +298,19 @@ impl Kernel {
                 }
             })?;
 
+        let mut sampled = Vec::new();
         for probe in ok_probes {
             match attach_probe(&mut ebpf, probe) {
-                Ok(detail) => status.push(ProbeStatus {
-                    probe: probe.name,
-                    attached: true,
-                    detail,
-                }),
+                Ok((detail, programs)) => {
+                    if !programs.is_empty() {
+                        sampled.push((probe.name, programs));
+                    }
+                    status.push(ProbeStatus {
+                        probe: probe.name,
+                        attached: true,
+                        detail,
+                    })
+                }
                 Err(e) => {
                     if is_permission_error(e.as_ref()) {
                         return Err(LoadError::Permission(format!(
@@ -331,6 +360,8 @@ impl Kernel {
             ring: take(&mut ebpf, "events")?,
             ebpf,
             status,
+            sampled,
+            sampling_open: true,
             stats_fd,
             filter: Filter {
                 track_all: false,
@@ -343,6 +374,47 @@ impl Kernel {
     /// What got attached and what did not.
     pub fn status(&self) -> &[ProbeStatus] {
         &self.status
+    }
+
+    /// The attached probes whose hot-path programs can be attached part of the time.
+    pub fn sampled_probes(&self) -> Vec<&'static str> {
+        self.sampled.iter().map(|(p, _)| *p).collect()
+    }
+
+    /// Whether the sampled probes' programs are attached now.
+    pub fn sampling_open(&self) -> bool {
+        self.sampling_open
+    }
+
+    /// Attaches (`open`) or detaches the hot-path programs of every sampled probe. Their maps,
+    /// and everything the other programs keep (a task's component, a socket's start), stay as
+    /// they are: the histograms and counters just stop growing while detached. On an error
+    /// the programs that could be switched are, and the state says "open" if any is attached.
+    pub fn set_sampling_open(&mut self, open: bool) -> anyhow::Result<()> {
+        if open == self.sampling_open {
+            return Ok(());
+        }
+        let mut first_error = None;
+        for (_, programs) in &mut self.sampled {
+            for p in programs.iter_mut() {
+                let r = if open {
+                    p.attach(&mut self.ebpf)
+                } else {
+                    p.detach(&mut self.ebpf)
+                };
+                if let Err(e) = r {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        self.sampling_open = self
+            .sampled
+            .iter()
+            .any(|(_, ps)| ps.iter().any(|p| p.link.is_some()));
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     pub fn attached(&self, probe: &str) -> bool {
@@ -588,19 +660,84 @@ fn queue_flag_stats_bit() -> u32 {
         .unwrap_or(u32::MAX)
 }
 
+/// How a sampled program is attached: kept so that it can be detached and attached again.
+enum Link {
+    Btf(BtfTracePointLinkId),
+    Classic(TracePointLinkId),
+}
+
+/// A program of [`Probe::sampled`] that got attached.
+struct Sampled {
+    symbol: &'static str,
+    /// (category, name) of a classic tracepoint; `None`: a BTF raw tracepoint.
+    classic: Option<(&'static str, &'static str)>,
+    /// `Some` while attached.
+    link: Option<Link>,
+}
+
+impl Sampled {
+    fn attach(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
+        if self.link.is_some() {
+            return Ok(());
+        }
+        let link = match self.classic {
+            None => {
+                let p: &mut BtfTracePoint = program(ebpf, self.symbol, "tp_btf")?;
+                Link::Btf(
+                    p.attach()
+                        .with_context(|| format!("attaching `{}`", self.symbol))?,
+                )
+            }
+            Some((category, name)) => {
+                let p: &mut TracePoint = program(ebpf, self.symbol, "tracepoint")?;
+                Link::Classic(
+                    p.attach(category, name)
+                        .with_context(|| format!("attaching `{}`", self.symbol))?,
+                )
+            }
+        };
+        self.link = Some(link);
+        Ok(())
+    }
+
+    fn detach(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
+        let result = match self.link.take() {
+            None => return Ok(()),
+            Some(Link::Btf(id)) => {
+                program::<BtfTracePoint>(ebpf, self.symbol, "tp_btf")?.detach(id)
+            }
+            Some(Link::Classic(id)) => {
+                program::<TracePoint>(ebpf, self.symbol, "tracepoint")?.detach(id)
+            }
+        };
+        result.with_context(|| format!("detaching `{}`", self.symbol))
+    }
+}
+
 /// Attaches a probe's programs: its BTF raw tracepoints when it has them and the kernel takes
-/// them, else its classic tracepoints. Returns what got attached.
-fn attach_probe(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<String> {
+/// them, else its classic tracepoints. Returns what got attached, and the attached programs
+/// of [`Probe::sampled`].
+fn attach_probe(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<(String, Vec<Sampled>)> {
     let mut refused = None;
     if !probe.btf_programs.is_empty() {
         match attach_btf(ebpf, probe) {
-            Ok(()) => {
-                return Ok(probe
+            Ok(links) => {
+                let sampled = links
+                    .into_iter()
+                    .filter(|(symbol, _)| probe.sampled.contains(symbol))
+                    .map(|(symbol, link)| Sampled {
+                        symbol,
+                        classic: None,
+                        link: Some(Link::Btf(link)),
+                    })
+                    .collect();
+                let detail = probe
                     .btf_programs
                     .iter()
                     .map(|(_, tp)| format!("tp_btf/{tp}"))
                     .collect::<Vec<_>>()
-                    .join(", "));
+                    .join(", ");
+                return Ok((detail, sampled));
             }
             Err(e) => {
                 if is_permission_error(e.as_ref()) {
@@ -611,6 +748,7 @@ fn attach_probe(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<String> {
             }
         }
     }
+    let mut sampled = Vec::new();
     for (symbol, tp) in probe.programs {
         let what = format!("attaching {}", tp.id());
         let program: &mut TracePoint = program(ebpf, symbol, "tracepoint")?;
@@ -618,9 +756,16 @@ fn attach_probe(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<String> {
             .load()
             .with_context(|| format!("loading program `{symbol}` (verifier)"))
             .with_context(|| what.clone())?;
-        program
+        let link = program
             .attach(tp.category, tp.name)
             .with_context(|| what.clone())?;
+        if probe.sampled.contains(symbol) {
+            sampled.push(Sampled {
+                symbol,
+                classic: Some((tp.category, tp.name)),
+                link: Some(Link::Classic(link)),
+            });
+        }
     }
     let attached = probe
         .programs
@@ -630,18 +775,21 @@ fn attach_probe(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<String> {
         .join(", ");
     // Say why a kernel with BTF got the classic programs: they are skipped while any other
     // classic tracepoint or kprobe program runs on the CPU, so the numbers can differ.
-    Ok(match refused {
+    let detail = match refused {
         Some(why) => format!("{attached} (BTF raw tracepoints refused: {why})"),
         None => attached,
-    })
+    };
+    Ok((detail, sampled))
 }
 
 /// Loads and attaches all of a probe's BTF raw tracepoints, or none (what got attached before
-/// a failure is detached again).
-fn attach_btf(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<()> {
+/// a failure is detached again). Returns each program's link.
+fn attach_btf(
+    ebpf: &mut Ebpf,
+    probe: &Probe,
+) -> anyhow::Result<Vec<(&'static str, BtfTracePointLinkId)>> {
     let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
     let mut attached = Vec::new();
-    let mut result = Ok(());
     for (symbol, tp) in probe.btf_programs {
         let step = (|| -> anyhow::Result<_> {
             let program: &mut BtfTracePoint = program(ebpf, symbol, "tp_btf")?;
@@ -655,20 +803,18 @@ fn attach_btf(ebpf: &mut Ebpf, probe: &Probe) -> anyhow::Result<()> {
         match step {
             Ok(link) => attached.push((*symbol, link)),
             Err(e) => {
-                result = Err(e);
-                break;
+                for (symbol, link) in attached {
+                    if let Some(Ok(program)) =
+                        ebpf.program_mut(symbol).map(<&mut BtfTracePoint>::try_from)
+                    {
+                        let _ = program.detach(link);
+                    }
+                }
+                return Err(e);
             }
         }
     }
-    if result.is_err() {
-        for (symbol, link) in attached {
-            if let Some(Ok(program)) = ebpf.program_mut(symbol).map(<&mut BtfTracePoint>::try_from)
-            {
-                let _ = program.detach(link);
-            }
-        }
-    }
-    result
+    Ok(attached)
 }
 
 #[cfg(test)]

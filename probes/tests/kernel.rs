@@ -1280,6 +1280,118 @@ fn context_switches_match_the_kernels_own_counters() {
     );
 }
 
+/// Sampling really detaches the run-queue program: while the window is closed a task that
+/// blocks 1,000 times a second adds no switch to its component, a hold attaches the program at
+/// once (the probe's counts then match the kernel's), and a release closes it again.
+#[test]
+fn sampling_detaches_the_scheduler_program_and_a_hold_attaches_it() {
+    let test = "sampling_detaches_the_scheduler_program_and_a_hold_attaches_it";
+    if !root_or_skip(test) {
+        return;
+    }
+    if !tools_or_skip(test, &["perl"]) {
+        return;
+    }
+    let _serial = serial();
+    let mut cleanup = Cleanup::default();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(cg) = make_cgroup(&mut cleanup, "cpu", "sample") else {
+        skipped(format_args!(
+            "{test}: no cgroup v1 cpu hierarchy at /sys/fs/cgroup/cpu"
+        ));
+        return;
+    };
+    let state = lab_state(
+        dir.path(),
+        serde_json::json!([{"name": "persistence", "status": "ready", "ports": {},
+                            "cgroup": {"cpu": cg.display().to_string()}}]),
+    );
+    let mut options = agent_options(&["runqueue"], state);
+    // A short window, then a long closed stretch: the test runs inside it.
+    options.sample_window = Duration::from_millis(300);
+    options.sample_period = Duration::from_secs(120);
+    let agent = Arc::new(Agent::start(options).expect("starting the agent"));
+    assert!(agent.sampling_status().open, "attached after loading");
+    let (pid, child) = spawn_in_cgroup(
+        &mut cleanup,
+        &cg,
+        "perl -e 'select(undef, undef, undef, 0.001) while 1'",
+    );
+    wait_attributed(&agent, pid, "persistence");
+    go(&child);
+    poll_until("perl to block", Duration::from_secs(10), || {
+        (ctxt_switches(pid).0 > 100).then_some(())
+    });
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let shutdown = kit::shutdown::Shutdown::new();
+    let background = runtime.spawn(Arc::clone(&agent).run_background(shutdown.clone()));
+    poll_until("the window to close", Duration::from_secs(10), || {
+        (!agent.sampling_status().open).then_some(())
+    });
+    let window = |agent: &Agent| {
+        let before = (runq_of(agent, "persistence"), ctxt_switches(pid));
+        std::thread::sleep(Duration::from_secs(1)); // the workload's measurement window
+        let after = (runq_of(agent, "persistence"), ctxt_switches(pid));
+        (
+            after.0.switch_ins - before.0.switch_ins,
+            after.1.0 - before.1.0,
+        )
+    };
+    let (probe_closed, kernel_closed) = window(&agent);
+    println!("closed: probe {probe_closed} switch-ins, kernel {kernel_closed} voluntary switches");
+    assert!(
+        kernel_closed >= 300,
+        "the workload did not block: {kernel_closed}"
+    );
+    assert_eq!(probe_closed, 0, "the program ran while detached");
+    let open_before = agent.sampling_status().open_seconds_total;
+
+    let held = agent.hold_sampling(Duration::from_secs(60));
+    assert!(held > Duration::from_secs(59), "held for {held:?}");
+    let status = agent.sampling_status();
+    assert!(status.open && status.held_for_s > 59.0, "{status:?}");
+    let (probe_held, kernel_held) = window(&agent);
+    println!("held: probe {probe_held} switch-ins, kernel {kernel_held} voluntary switches");
+    assert!(
+        probe_held.abs_diff(kernel_held) <= kernel_held / 50 + 5,
+        "held open: probe {probe_held} switch-ins, kernel {kernel_held} switches"
+    );
+    let metrics = agent.render_metrics();
+    assert!(
+        metrics.contains("probes_sampling_open{probe=\"runqueue\"} 1"),
+        "{metrics}"
+    );
+
+    agent.release_sampling();
+    poll_until(
+        "the release to close the window",
+        Duration::from_secs(10),
+        || (!agent.sampling_status().open).then_some(()),
+    );
+    let status = agent.sampling_status();
+    assert!(
+        status.open_seconds_total - open_before >= 1.0 && status.held_for_s == 0.0,
+        "{status:?}"
+    );
+    let (probe_after, _) = window(&agent);
+    assert_eq!(probe_after, 0, "the program ran after the release");
+    assert!(
+        agent
+            .render_metrics()
+            .contains("probes_sampling_open{probe=\"runqueue\"} 0")
+    );
+    shutdown.trigger();
+    runtime
+        .block_on(background)
+        .expect("background task")
+        .expect("background loop");
+}
+
 #[test]
 fn an_oom_kill_is_reported_with_its_pid_and_component() {
     let test = "an_oom_kill_is_reported_with_its_pid_and_component";
@@ -1451,7 +1563,7 @@ fn a_changed_lab_state_triggers_a_rescan_and_an_unchanged_one_does_not() {
         serde_json::json!([{"name": "order-gateway", "status": "ready", "ports": {}}]),
     );
     let agent = start_agent(&["oom"], state);
-    assert_eq!(agent.options().rescan_interval, Duration::from_secs(10));
+    assert_eq!(agent.options().rescan_interval, Duration::from_secs(30));
     assert!(
         !agent.refresh_if_due().expect("refresh"),
         "nothing changed since the start: no rescan"
