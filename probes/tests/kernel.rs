@@ -1478,6 +1478,10 @@ fn fsynced_writes_counted(test: &str, kernel_block_stamps: bool) {
         test,
         "tracepoint:block:block_rq_issue /args->bytes > 0 && strncmp(args->rwbs, \"W\", 1) == 0/ { @n = count(); }",
     );
+    // The probe's window starts when the witness's does: read the maps now (the agent's last
+    // read was at its start, before bpftrace took seconds to attach, and the host's own writes
+    // in between are the probe's but not the witness's).
+    agent.poll();
     let writes_before: BTreeMap<String, (u64, u64)> = block_writes(&agent);
     let mut file = fs::File::create(dir.path().join("data")).expect("creating the file");
     let block = [0x5au8; 4096];
