@@ -39,7 +39,7 @@ chaos-list: ## list the chaos experiments (CHAOS_FLAGS=--quick for the short CI 
 chaos-network-partition: ## cut gateway <-> engine under load (iptables); 202s, then everything delivered
 	$(CHAOS) run network-partition $(CHAOS_FLAGS)
 
-chaos-cpu-throttle: ## engine limited to 10% of a CPU (cfs quota); graceful degradation, backlog drained
+chaos-cpu-throttle: ## engine limited to 5% of a CPU (cfs quota); graceful degradation, backlog drained
 	$(CHAOS) run cpu-throttle $(CHAOS_FLAGS)
 
 chaos-oom-kill: ## persistence squeezed until the kernel OOM-kills it; the lab restarts it; nothing lost

@@ -159,6 +159,22 @@ async fn the_first_three_experiments_hold_and_cleanup_survives_a_killed_runner()
         if name == "network-partition" {
             assert!(done.report.measurements.during.queued > 0);
         }
+        if name == "cpu-throttle" && done.report.kernel.available {
+            // The quota must bite: the engine needs more CPU at this rate than it is given, so
+            // its threads wait out throttled periods (tens of ms) on the run queue.
+            let (_, before, during) = done
+                .report
+                .kernel
+                .runqueue_p99_ms
+                .iter()
+                .find(|(c, _, _)| c == "matching-engine")
+                .cloned()
+                .expect("run-queue wait of the throttled engine");
+            assert!(
+                during >= 8.0 && during > before,
+                "the engine was not throttled: run-queue p99 {before} ms before, {during} ms during"
+            );
+        }
     }
 
     // A hypothesis that cannot hold (p99 bound of 0 ms) fails with exit code 1 and says why.
