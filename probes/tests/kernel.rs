@@ -1218,6 +1218,44 @@ fn ctxt_switches(pid: u32) -> (u64, u64) {
 /// The `tp_btf` program counts a voluntary switch when the task comes back (voluntary =
 /// switch-ins - involuntary) rather than looking the task up when it blocks: the totals must
 /// still be the kernel's own.
+/// A test CPU cgroup that a lab state file (in `dir`) names as persistence's: (cgroup, state
+/// file). `None`, said as skipped, without a cgroup v1 cpu hierarchy.
+fn persistence_cgroup(
+    test: &str,
+    cleanup: &mut Cleanup,
+    dir: &Path,
+    tag: &str,
+) -> Option<(PathBuf, PathBuf)> {
+    let Some(cg) = make_cgroup(cleanup, "cpu", tag) else {
+        skipped(format_args!(
+            "{test}: no cgroup v1 cpu hierarchy at /sys/fs/cgroup/cpu"
+        ));
+        return None;
+    };
+    let state = lab_state(
+        dir,
+        serde_json::json!([{"name": "persistence", "status": "ready", "ports": {},
+                            "cgroup": {"cpu": cg.display().to_string()}}]),
+    );
+    Some((cg, state))
+}
+
+/// One thread in `cgroup` that blocks 1,000 times a second (select(2) with a 1 ms timeout),
+/// attributed to persistence and running past its exec (the counters are then perl's own).
+fn blocking_perl(cleanup: &mut Cleanup, cgroup: &Path, agent: &Agent) -> u32 {
+    let (pid, child) = spawn_in_cgroup(
+        cleanup,
+        cgroup,
+        "perl -e 'select(undef, undef, undef, 0.001) while 1'",
+    );
+    wait_attributed(agent, pid, "persistence");
+    go(&child);
+    poll_until("perl to block", Duration::from_secs(10), || {
+        (ctxt_switches(pid).0 > 100).then_some(())
+    });
+    pid
+}
+
 #[test]
 fn context_switches_match_the_kernels_own_counters() {
     let test = "context_switches_match_the_kernels_own_counters";
@@ -1230,30 +1268,11 @@ fn context_switches_match_the_kernels_own_counters() {
     let _serial = serial();
     let mut cleanup = Cleanup::default();
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(cg) = make_cgroup(&mut cleanup, "cpu", "cs") else {
-        skipped(format_args!(
-            "{test}: no cgroup v1 cpu hierarchy at /sys/fs/cgroup/cpu"
-        ));
+    let Some((cg, state)) = persistence_cgroup(test, &mut cleanup, dir.path(), "cs") else {
         return;
     };
-    let state = lab_state(
-        dir.path(),
-        serde_json::json!([{"name": "persistence", "status": "ready", "ports": {},
-                            "cgroup": {"cpu": cg.display().to_string()}}]),
-    );
     let agent = start_agent(&["runqueue"], state);
-    // One thread that blocks 1,000 times a second (select(2) with a 1 ms timeout).
-    let (pid, child) = spawn_in_cgroup(
-        &mut cleanup,
-        &cg,
-        "perl -e 'select(undef, undef, undef, 0.001) while 1'",
-    );
-    wait_attributed(&agent, pid, "persistence");
-    go(&child);
-    // Past exec: the counters below are perl's own.
-    poll_until("perl to block", Duration::from_secs(10), || {
-        (ctxt_switches(pid).0 > 100).then_some(())
-    });
+    let pid = blocking_perl(&mut cleanup, &cg, &agent);
     let before = (runq_of(&agent, "persistence"), ctxt_switches(pid));
     std::thread::sleep(Duration::from_secs(2)); // the workload's measurement window
     let after = (runq_of(&agent, "persistence"), ctxt_switches(pid));
@@ -1295,33 +1314,16 @@ fn sampling_detaches_the_scheduler_program_and_a_hold_attaches_it() {
     let _serial = serial();
     let mut cleanup = Cleanup::default();
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(cg) = make_cgroup(&mut cleanup, "cpu", "sample") else {
-        skipped(format_args!(
-            "{test}: no cgroup v1 cpu hierarchy at /sys/fs/cgroup/cpu"
-        ));
+    let Some((cg, state)) = persistence_cgroup(test, &mut cleanup, dir.path(), "sample") else {
         return;
     };
-    let state = lab_state(
-        dir.path(),
-        serde_json::json!([{"name": "persistence", "status": "ready", "ports": {},
-                            "cgroup": {"cpu": cg.display().to_string()}}]),
-    );
     let mut options = agent_options(&["runqueue"], state);
     // A short window, then a long closed stretch: the test runs inside it.
     options.sample_window = Duration::from_millis(300);
     options.sample_period = Duration::from_secs(120);
     let agent = Arc::new(Agent::start(options).expect("starting the agent"));
     assert!(agent.sampling_status().open, "attached after loading");
-    let (pid, child) = spawn_in_cgroup(
-        &mut cleanup,
-        &cg,
-        "perl -e 'select(undef, undef, undef, 0.001) while 1'",
-    );
-    wait_attributed(&agent, pid, "persistence");
-    go(&child);
-    poll_until("perl to block", Duration::from_secs(10), || {
-        (ctxt_switches(pid).0 > 100).then_some(())
-    });
+    let pid = blocking_perl(&mut cleanup, &cg, &agent);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
