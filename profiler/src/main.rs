@@ -355,9 +355,21 @@ async fn overhead_cmd(a: OverheadArgs) -> anyhow::Result<()> {
             }
         }
         Subject::ProbesAgent => {
+            let of = if r.backends.is_empty() {
+                "the services' CPU".to_string()
+            } else {
+                format!(
+                    "the exchange's CPU (the services, {})",
+                    r.backends.join(", ")
+                )
+            };
             println!(
-                "measured directly: the agent's own CPU {:.3} %, the eBPF programs' kernel run time {:.3} % of the services' CPU ({:.3} % of one CPU)",
-                r.agent_cpu_pct, r.ebpf_run_pct, r.ebpf_run_cpu_share_pct
+                "measured directly: the agent's own CPU {:.3} %, the eBPF programs' kernel run time {:.3} % of {of} ({:.3} % of one CPU); together {:.3} %, {:.3} % of the three services' CPU alone",
+                r.agent_cpu_pct,
+                r.ebpf_run_pct,
+                r.ebpf_run_cpu_share_pct,
+                r.direct_pct,
+                r.services_direct_pct
             );
             for (p, ms) in &r.ebpf_run_ms_per_sec_by_program {
                 match (

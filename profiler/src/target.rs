@@ -28,11 +28,37 @@ pub struct Service {
     pub pid: Option<i32>,
 }
 
+/// A component the services depend on (PostgreSQL, RabbitMQ): not profiled, but part of
+/// what every order costs end to end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub name: String,
+    /// Main process (its descendants are found from it when there is no cgroup).
+    pub pid: Option<i32>,
+    /// Its folder in the lab's `cpu` cgroup, when the lab isolates components: every process
+    /// of the component is listed there.
+    pub cgroup: Option<PathBuf>,
+}
+
+impl Backend {
+    /// The processes of the component alive now: its cgroup's members, else its main
+    /// process and that process's descendants.
+    pub fn pids(&self) -> Vec<i32> {
+        match (&self.cgroup, self.pid) {
+            (Some(dir), _) if dir.is_dir() => lab::cgroup::members(dir),
+            (_, Some(pid)) => lab::process::tree(pid),
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// The running lab as the profiler sees it.
 #[derive(Debug, Clone)]
 pub struct Stack {
     pub state_file: PathBuf,
     pub services: Vec<Service>,
+    /// PostgreSQL and RabbitMQ, where the lab runs them.
+    pub backends: Vec<Backend>,
     /// The gateway's URL, where the load goes.
     pub gateway: String,
     /// The lab's eBPF agent (`probes`), when it runs: its URL (loopback), or why not.
@@ -75,6 +101,15 @@ impl Stack {
                 pid: entry.pid,
             });
         }
+        let backends = [Component::Postgres, Component::Rabbitmq]
+            .into_iter()
+            .filter_map(|c| state.component(c))
+            .map(|entry| Backend {
+                name: entry.name.to_string(),
+                pid: entry.pid,
+                cgroup: entry.cgroup.get("cpu").cloned(),
+            })
+            .collect();
         let gateway = state
             .component(Component::OrderGateway)
             .and_then(|g| g.urls.get("http"))
@@ -101,6 +136,7 @@ impl Stack {
         Ok(Stack {
             state_file: state_file.to_owned(),
             services,
+            backends,
             gateway,
             probes,
             token,
@@ -169,5 +205,35 @@ impl Stack {
                 format!(" — {hint}")
             }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_without_a_cgroup_is_its_process_tree() {
+        let me = std::process::id() as i32;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawning sleep");
+        let b = Backend {
+            name: "postgres".into(),
+            pid: Some(me),
+            cgroup: Some(PathBuf::from("/nonexistent/cgroup/postgres")),
+        };
+        let pids = b.pids();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(pids.contains(&me), "{pids:?}");
+        assert!(pids.contains(&(child.id() as i32)), "{pids:?}");
+        let none = Backend {
+            name: "rabbitmq".into(),
+            pid: None,
+            cgroup: None,
+        };
+        assert!(none.pids().is_empty());
     }
 }
