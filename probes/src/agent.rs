@@ -61,7 +61,11 @@ pub struct AgentOptions {
     pub scan_sockets: bool,
     /// How often the socket scan runs (it reads each network namespace's `/proc/net/tcp`,
     /// which walks the kernel's whole established-socket hash table: milliseconds per read).
-    /// Between scans the last scan's sockets are kept.
+    /// Between scans the last scan's sockets are kept. The scan is for connections the agent
+    /// did not see being opened (before it started, or evicted from the kernel's `socks` map):
+    /// every connect made while it runs is attributed in the kernel at SYN_SENT, and an
+    /// accepted connection by its listening port, so after the first scan a rare one is
+    /// enough.
     pub socket_scan_interval: Duration,
     /// Where cgroup v1 hierarchies are mounted (relative lab cgroup paths resolve under it).
     pub cgroup_root: PathBuf,
@@ -91,7 +95,7 @@ impl Default for AgentOptions {
             rescan_interval: Duration::from_secs(30),
             probes: None,
             scan_sockets: true,
-            socket_scan_interval: Duration::from_secs(30),
+            socket_scan_interval: Duration::from_secs(300),
             cgroup_root: PathBuf::from(procfs::CGROUP_ROOT),
             burst_min: 1,
             kernel_block_stamps: true,
@@ -564,8 +568,11 @@ impl Agent {
 
     /// Attaches or detaches the sampled programs and records it.
     fn set_sampling(&self, open: bool) {
-        let result = lock(&self.kernel).set_sampling_open(open);
-        let actual = lock(&self.kernel).sampling_open();
+        let (result, actual) = {
+            let mut kernel = lock(&self.kernel);
+            let result = kernel.set_sampling_open(open);
+            (result, kernel.sampling_open())
+        };
         let now = std::time::Instant::now();
         let mut s = lock(&self.sampling);
         if actual != s.open {
@@ -593,7 +600,7 @@ impl Agent {
     fn sampling_step(&self) -> std::time::Instant {
         let now = std::time::Instant::now();
         let far = now + Duration::from_secs(3600);
-        if lock(&self.kernel).sampled_probes().is_empty() {
+        if !lock(&self.kernel).has_sampled_probes() {
             return far;
         }
         let (open, since, held_until) = {

@@ -381,6 +381,11 @@ impl Kernel {
         self.sampled.iter().map(|(p, _)| *p).collect()
     }
 
+    /// Whether any attached probe is sampled.
+    pub fn has_sampled_probes(&self) -> bool {
+        !self.sampled.is_empty()
+    }
+
     /// Whether the sampled probes' programs are attached now.
     pub fn sampling_open(&self) -> bool {
         self.sampling_open

@@ -133,15 +133,15 @@ fn run_agent(config_file: Option<PathBuf>, run: RunArgs) -> i32 {
     kit::telemetry::init(SERVICE, &config.log);
 
     // One thread: the agent's work is a few map reads and a scrape every few seconds, and a
-    // multi-threaded runtime's workers cost wake-ups of their own (measured: a fifth of an idle
-    // agent's CPU was the runtime parking and waking threads). Blocking work (the lab rescans,
-    // off-CPU captures) goes to the blocking pool as before.
-    // One thread: the agent's work is a few map reads and a scrape every few seconds, and a
     // multi-threaded runtime's workers cost wake-ups of their own (idle agent, 45 s each,
     // alternated: 2.63 and 1.96 ms of CPU a second with worker threads, 1.75 and 1.55 with
-    // one). Blocking work (the lab rescans, off-CPU captures) goes to the blocking pool.
+    // one). Blocking work (the lab rescans every 30 s, off-CPU captures) goes to the blocking
+    // pool, whose thread is kept between rescans instead of exiting after tokio's default 10 s
+    // idle: no thread to create every 30 s, and the agent's CPU stays readable from its live
+    // threads' clocks (`/proc/PID/task/*/schedstat`: an exited thread takes its time with it).
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .thread_keep_alive(std::time::Duration::from_secs(24 * 3600))
         .build()
     {
         Ok(r) => r,

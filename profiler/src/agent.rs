@@ -23,8 +23,13 @@ pub struct Agent {
 /// What the agent had used so far, read at the edges of a window.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AgentReading {
-    /// User + system CPU seconds of the agent process (None while it is stopped).
+    /// User + system CPU seconds of the agent process (None while it is stopped), in the
+    /// kernel's 10 ms ticks.
     pub cpu_seconds: Option<f64>,
+    /// The same from its live threads' nanosecond clocks
+    /// ([`crate::overhead::live_threads_cpu_seconds`]): the agent uses a few tens of
+    /// milliseconds in a window, a few ticks, so the ticks alone are too coarse.
+    pub cpu_live_threads: Option<f64>,
     /// Kernel run time per eBPF program, seconds since the agent loaded them.
     pub programs: BTreeMap<String, f64>,
     /// Runs per eBPF program since the agent loaded them.
@@ -101,6 +106,9 @@ impl Agent {
             return Ok(AgentReading::default());
         }
         let cpu_seconds = entry.pid.and_then(crate::overhead::cpu_seconds_proc);
+        let cpu_live_threads = entry
+            .pid
+            .and_then(crate::overhead::live_threads_cpu_seconds);
         let Some(url) = entry
             .urls
             .get("http")
@@ -108,6 +116,7 @@ impl Agent {
         else {
             return Ok(AgentReading {
                 cpu_seconds,
+                cpu_live_threads,
                 ..AgentReading::default()
             });
         };
@@ -125,6 +134,7 @@ impl Agent {
             .with_context(|| format!("reading {url}"))?;
         Ok(AgentReading {
             cpu_seconds,
+            cpu_live_threads,
             programs: per_program(&text, "probes_program_run_seconds_total"),
             runs: per_program(&text, "probes_program_runs_total"),
         })

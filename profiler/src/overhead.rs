@@ -835,7 +835,13 @@ fn add_agent(
     after: &crate::agent::AgentReading,
 ) {
     let cpu = match (before.cpu_seconds, after.cpu_seconds) {
-        (Some(b), Some(a)) if a >= b => a - b,
+        (Some(b), Some(a)) if a >= b => {
+            let live = match (before.cpu_live_threads, after.cpu_live_threads) {
+                (Some(lb), Some(la)) => Some(la - lb),
+                _ => None,
+            };
+            window_cpu(a - b, live)
+        }
         _ => 0.0,
     };
     w.cpu_seconds.insert("probes".into(), cpu);
@@ -1296,6 +1302,7 @@ mod tests {
         o.subject = Subject::ProbesAgent;
         let reading = |cpu: Option<f64>, run: f64| AgentReading {
             cpu_seconds: cpu,
+            cpu_live_threads: None,
             programs: [("sched_switch".to_string(), run)].into_iter().collect(),
             // 1 µs per run.
             runs: [("sched_switch".to_string(), run * 1e6)]
@@ -1405,6 +1412,17 @@ mod tests {
         );
         assert!(r.ebpf_stats_window.is_some());
         assert_eq!(r.on.windows, 2, "the statistics window is not an on window");
+        // The threads' clocks win over the ticks when they agree within the ticks' rounding:
+        // 2.5 ms that the ticks saw as 0 or 10 ms.
+        for ticks_after in [5.0, 5.01] {
+            let mut x = w(8, true, 1000.0, 1.0);
+            let mut b = reading(Some(5.0), 0.5);
+            let mut a = reading(Some(ticks_after), 0.5);
+            b.cpu_live_threads = Some(4.9);
+            a.cpu_live_threads = Some(4.9025);
+            add_agent(&mut x, &b, &a);
+            assert!((x.cpu_seconds["probes"] - 0.0025).abs() < 1e-9);
+        }
         // A stopped agent (no pid) or a restarted one (counter went down) charges nothing.
         let mut x = w(9, true, 1000.0, 1.0);
         add_agent(&mut x, &reading(Some(5.0), 0.5), &reading(None, 0.2));
