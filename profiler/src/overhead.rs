@@ -339,18 +339,31 @@ struct Counters {
     cpu: Vec<f64>,
     /// Per service: [`live_threads_cpu_seconds`], when read from `/proc`.
     cpu_live_threads: Vec<Option<f64>>,
-    /// Per backend (PostgreSQL, RabbitMQ): CPU seconds so far of its processes alive now.
-    backend_cpu: Vec<f64>,
+    /// Per backend (PostgreSQL, RabbitMQ): CPU seconds so far of each of its processes alive
+    /// now, by pid.
+    backend_cpu: Vec<std::collections::BTreeMap<i32, f64>>,
     orders: Option<f64>,
 }
 
-/// CPU seconds so far of a backend's processes alive now (each from its threads' clocks). A
-/// process that exits between two readings takes its time with it, so a window's figure can
-/// only be low: as a denominator, that overstates an overhead, never understates it.
-fn backend_cpu_seconds(b: &crate::target::Backend) -> f64 {
+/// CPU seconds so far of each of a backend's processes alive now (from its threads' clocks).
+fn backend_cpu_seconds(b: &crate::target::Backend) -> std::collections::BTreeMap<i32, f64> {
     b.pids()
         .into_iter()
-        .filter_map(live_threads_cpu_seconds)
+        .filter_map(|pid| Some((pid, live_threads_cpu_seconds(pid)?)))
+        .collect()
+}
+
+/// A backend's CPU seconds between two readings: what each process alive at the second used
+/// since the first (all of it for a process started in between). A process that exited in
+/// between takes its time in the window with it, so the figure can only be low: as a
+/// denominator, that overstates an overhead, never understates it.
+fn backend_window_cpu(
+    before: &std::collections::BTreeMap<i32, f64>,
+    after: &std::collections::BTreeMap<i32, f64>,
+) -> f64 {
+    after
+        .iter()
+        .map(|(pid, a)| (a - before.get(pid).copied().unwrap_or(0.0)).max(0.0))
         .sum()
 }
 
@@ -782,7 +795,7 @@ fn window(
         // No counter (renamed metric?): the open model sends `rate` per second.
         _ => rate * seconds,
     };
-    let cpu_seconds: std::collections::BTreeMap<String, f64> = stack
+    let mut cpu_seconds: std::collections::BTreeMap<String, f64> = stack
         .services
         .iter()
         .enumerate()
@@ -797,13 +810,12 @@ fn window(
             )
         })
         .collect();
-    let mut cpu_seconds = cpu_seconds;
     if subject.counts_backends() {
         for (i, b) in stack.backends.iter().enumerate() {
             let (Some(x), Some(y)) = (before.backend_cpu.get(i), after.backend_cpu.get(i)) else {
                 continue;
             };
-            cpu_seconds.insert(b.name.clone(), (y - x).max(0.0));
+            cpu_seconds.insert(b.name.clone(), backend_window_cpu(x, y));
         }
     }
     let total: f64 = cpu_seconds.values().sum();
@@ -1423,6 +1435,10 @@ mod tests {
             add_agent(&mut x, &b, &a);
             assert!((x.cpu_seconds["probes"] - 0.0025).abs() < 1e-9);
         }
+        // A backend's window: a process that exited is left out, one that started counts whole.
+        let before = [(10, 5.0), (11, 100.0)].into_iter().collect();
+        let after = [(10, 5.5), (12, 0.25)].into_iter().collect();
+        assert!((backend_window_cpu(&before, &after) - 0.75).abs() < 1e-9);
         // A stopped agent (no pid) or a restarted one (counter went down) charges nothing.
         let mut x = w(9, true, 1000.0, 1.0);
         add_agent(&mut x, &reading(Some(5.0), 0.5), &reading(None, 0.2));
