@@ -367,7 +367,13 @@ fn backend_window_cpu(
         .sum()
 }
 
-async fn read_counters(stack: &Stack, use_proc: bool) -> anyhow::Result<Counters> {
+/// The services' CPU and the gateway's order count now; with `subject` counting them
+/// ([`Subject::counts_backends`]), PostgreSQL's and RabbitMQ's CPU too.
+async fn read_counters(
+    stack: &Stack,
+    use_proc: bool,
+    subject: Subject,
+) -> anyhow::Result<Counters> {
     let mut cpu = Vec::new();
     let mut cpu_live_threads = Vec::new();
     for s in &stack.services {
@@ -403,7 +409,11 @@ async fn read_counters(stack: &Stack, use_proc: bool) -> anyhow::Result<Counters
         at: Instant::now(),
         cpu,
         cpu_live_threads,
-        backend_cpu: stack.backends.iter().map(backend_cpu_seconds).collect(),
+        backend_cpu: if subject.counts_backends() {
+            stack.backends.iter().map(backend_cpu_seconds).collect()
+        } else {
+            Vec::new()
+        },
         orders,
     })
 }
@@ -646,7 +656,7 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
                     agent.switch_settled(profiling, opts.settle).await?;
                     agent_before = agent.read().await?;
                 }
-                let before = read_counters(stack, use_proc).await?;
+                let before = read_counters(stack, use_proc, opts.subject).await?;
                 let building = if profiling && opts.subject == Subject::Profiling {
                     let each = opts.profile_seconds.clamp(1, window_s);
                     back_to_back(stack, Duration::from_secs(window_s), each, opts.hz)
@@ -656,7 +666,7 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
                     tokio::time::sleep(Duration::from_secs(window_s)).await;
                     ProfilesCost::default()
                 };
-                let after = read_counters(stack, use_proc).await?;
+                let after = read_counters(stack, use_proc, opts.subject).await?;
                 if profiling && opts.subject == Subject::Profiling {
                     // The profilers linger for a next profile, then stop; their stop is a one-off
                     // of a profiling session and must not land in the next window.
@@ -757,9 +767,9 @@ async fn stats_window(
     agent.switch_settled(true, settle).await?;
     let stats = crate::agent::BpfStats::enable()?;
     let agent_before = agent.read().await?;
-    let before = read_counters(stack, use_proc).await?;
+    let before = read_counters(stack, use_proc, Subject::ProbesAgent).await?;
     tokio::time::sleep(Duration::from_secs(window_s)).await;
-    let after = read_counters(stack, use_proc).await?;
+    let after = read_counters(stack, use_proc, Subject::ProbesAgent).await?;
     let agent_after = agent.read().await?;
     drop(stats);
     let mut w = window(
