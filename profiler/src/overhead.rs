@@ -678,7 +678,6 @@ pub async fn run(stack: &Stack, opts: &OverheadOptions) -> anyhow::Result<Report
                     stack,
                     (&before, &after),
                     opts.rate,
-                    opts.subject,
                 );
                 w.profile_building_cpu_seconds = building.building;
                 w.profile_handler_cpu_seconds = building.handler;
@@ -772,14 +771,7 @@ async fn stats_window(
     let after = read_counters(stack, use_proc, Subject::ProbesAgent).await?;
     let agent_after = agent.read().await?;
     drop(stats);
-    let mut w = window(
-        index,
-        true,
-        stack,
-        (&before, &after),
-        rate,
-        Subject::ProbesAgent,
-    );
+    let mut w = window(index, true, stack, (&before, &after), rate);
     add_agent(&mut w, &agent_before, &agent_after);
     eprintln!(
         "  window {:>2} probes on, with kernel.bpf_stats_enabled=1: {:>6.1} orders/s  {:>7.1} CPU-ms per 1,000 orders",
@@ -788,16 +780,14 @@ async fn stats_window(
     Ok(w)
 }
 
-/// One window from its two readings. With the probes subject the window's CPU includes
-/// PostgreSQL's and RabbitMQ's: the agent's programs run in their context switches too, and
-/// what an order costs end to end includes them (see [`Subject::counts_backends`]).
+/// One window from its two readings. When the readings have PostgreSQL's and RabbitMQ's CPU
+/// (the probes subject, [`Subject::counts_backends`]) the window's CPU includes it.
 fn window(
     index: usize,
     profiling: bool,
     stack: &Stack,
     (before, after): (&Counters, &Counters),
     rate: f64,
-    subject: Subject,
 ) -> Window {
     let seconds = after.at.duration_since(before.at).as_secs_f64();
     let orders = match (before.orders, after.orders) {
@@ -820,13 +810,11 @@ fn window(
             )
         })
         .collect();
-    if subject.counts_backends() {
-        for (i, b) in stack.backends.iter().enumerate() {
-            let (Some(x), Some(y)) = (before.backend_cpu.get(i), after.backend_cpu.get(i)) else {
-                continue;
-            };
-            cpu_seconds.insert(b.name.clone(), backend_window_cpu(x, y));
-        }
+    for (i, b) in stack.backends.iter().enumerate() {
+        let (Some(x), Some(y)) = (before.backend_cpu.get(i), after.backend_cpu.get(i)) else {
+            continue;
+        };
+        cpu_seconds.insert(b.name.clone(), backend_window_cpu(x, y));
     }
     let total: f64 = cpu_seconds.values().sum();
     Window {
