@@ -26,7 +26,18 @@ use std::time::{Duration, Instant};
 
 /// What `$__rate_interval` becomes: Grafana's value for a 1 s scrape interval is 4 s; 15 s
 /// gives each rate several samples and is what a person would see zoomed out a little.
-const RATE_INTERVAL: &str = "15s";
+const RATE_INTERVAL_S: u64 = 15;
+
+/// `$__rate_interval` for a panel: Grafana makes it at least four times the panel's minimum
+/// interval (`"interval": "15s"` on the kernel panels, whose agent is scraped every 15 s).
+fn rate_interval(panel: &Value) -> String {
+    let min = panel["interval"]
+        .as_str()
+        .and_then(|s| s.strip_suffix('s'))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    format!("{}s", RATE_INTERVAL_S.max(4 * min))
+}
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -186,6 +197,8 @@ struct PanelQuery {
     panel: String,
     ref_id: String,
     expr: String,
+    /// What `$__rate_interval` becomes in this panel.
+    rate_interval: String,
 }
 
 fn dashboards() -> Vec<(String, Value)> {
@@ -240,6 +253,7 @@ fn panel_queries() -> Vec<PanelQuery> {
                     panel: p["title"].as_str().unwrap_or_default().to_owned(),
                     ref_id: t["refId"].as_str().unwrap_or_default().to_owned(),
                     expr: t["expr"].as_str().unwrap_or_default().to_owned(),
+                    rate_interval: rate_interval(&p),
                 });
             }
         }
@@ -285,10 +299,10 @@ fn used_variables(expr: &str, known: &BTreeMap<String, String>) -> Vec<String> {
 }
 
 /// `expr` with Grafana's built-in intervals and the given variable values substituted.
-fn substitute(expr: &str, values: &BTreeMap<String, String>) -> String {
+fn substitute(expr: &str, rate_interval: &str, values: &BTreeMap<String, String>) -> String {
     let mut s = expr
-        .replace("${__rate_interval}", RATE_INTERVAL)
-        .replace("$__rate_interval", RATE_INTERVAL)
+        .replace("${__rate_interval}", rate_interval)
+        .replace("$__rate_interval", rate_interval)
         .replace("$__interval", "5s")
         .replace("$__range", "5m");
     // Longest names first, so that `$job` does not eat into `$jobs`.
@@ -375,6 +389,18 @@ fn dashboards_are_valid_grafana_json_and_provisioned() {
                 );
                 let targets = p["targets"].as_array().expect("targets");
                 assert!(!targets.is_empty(), "{file}: {title}: no query");
+                // The agent is scraped less often than the services: a rate over a window
+                // shorter than two of its scrapes would show gaps.
+                if targets
+                    .iter()
+                    .any(|t| t["expr"].as_str().is_some_and(|e| e.contains("probes_")))
+                {
+                    assert_eq!(
+                        p["interval"].as_str(),
+                        Some(lab::launch::PROBES_SCRAPE_INTERVAL),
+                        "{file}: {title}: a kernel panel's minimum interval is the agent's scrape interval"
+                    );
+                }
                 let mut refs = BTreeSet::new();
                 for t in targets {
                     assert!(
@@ -1296,7 +1322,7 @@ async fn resolve_checks(
                 .collect();
         }
         for combo in combos {
-            let promql = substitute(&q.expr, &combo);
+            let promql = substitute(&q.expr, &q.rate_interval, &combo);
             assert!(
                 !promql.contains('$'),
                 "{} / {}: unsubstituted variable in {promql}",

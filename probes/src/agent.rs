@@ -7,21 +7,23 @@
 //!   wakes the agent (the programs wake it only when the ring is a quarter full, or for an
 //!   OOM kill: an event per connection would otherwise cost a wake-up each).
 //! * [`Agent::poll`]: drain the ring, then read the aggregating maps (retransmits, run queue,
-//!   block I/O, kernel counters, program statistics): every `poll_interval` (10 s), and before
-//!   every `/metrics` and `/events` answer, so what a reader gets is current while an idle
-//!   agent does little; a flow whose retransmit count grew since the previous poll becomes a
+//!   block I/O, kernel counters, program statistics): before every `/metrics` and `/events`
+//!   answer, and by itself when none came for `poll_interval` (15 s), so what a reader gets
+//!   is current while an idle agent does little; a flow whose retransmit count grew since the previous poll becomes a
 //!   `retransmit_burst` event.
 //! * the sampling cycle: attaches the hot-path programs (run queue, block I/O) for
 //!   `sample_window` out of every `sample_period`, and keeps them attached while a hold
 //!   ([`Agent::hold_sampling`]) lasts.
 //! * [`Agent::refresh`]: re-read the lab state, rescan `/proc`, and sync the kernel's
-//!   `tracked` map: every `refresh_interval` when the lab state file changed (a component
-//!   started, restarted or stopped), else every `rescan_interval` (threads and children
-//!   created in between are already followed by the kernel: they inherit their parent's
-//!   component at `sched_wakeup_new`).
+//!   `tracked` map: when the lab state file changed (a component started, restarted or
+//!   stopped: inotify on its directory wakes the agent, [`crate::watch`]; where that cannot be
+//!   watched, the file is checked every `refresh_interval`), else every `rescan_interval`
+//!   (threads and children created in between are already followed by the kernel: they
+//!   inherit their parent's component at `sched_wakeup_new`, a program that is never
+//!   sampled).
 //!
-//! Lock order: `kernel` before `inner`; neither is held across a `/proc` scan; `sampling` is
-//! taken alone.
+//! Lock order: `kernel` before `inner`; neither is held across a `/proc` scan; `sampling`,
+//! `found_state` and `last_poll` are taken alone.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -39,6 +41,8 @@ use crate::kernel::{Kernel, LoadError, ProbeStatus};
 use crate::lab::{self, LabState};
 use crate::metrics::{Aggregates, RetransLabels};
 use crate::procfs;
+use crate::selfcost::{Activity, SelfCost};
+use crate::watch::{Change, StateWatch};
 use crate::wire::{self, EventKind, FlowKey, RawEvent, RunqVal, endpoint, tcp_state_name};
 
 /// How the agent runs.
@@ -51,7 +55,8 @@ pub struct AgentOptions {
     /// Capacity of the `/events` ring.
     pub events_capacity: usize,
     pub poll_interval: Duration,
-    /// How often the lab state file is checked for changes (a change triggers a refresh).
+    /// How often the lab state file is checked for changes (a change triggers a refresh) when
+    /// its directory cannot be watched with inotify.
     pub refresh_interval: Duration,
     /// Longest time between two refreshes when the lab state file does not change.
     pub rescan_interval: Duration,
@@ -90,9 +95,9 @@ impl Default for AgentOptions {
             lab_state: None,
             bpf_stats: false,
             events_capacity: crate::events::DEFAULT_CAPACITY,
-            poll_interval: Duration::from_secs(10),
+            poll_interval: Duration::from_secs(15),
             refresh_interval: Duration::from_secs(2),
-            rescan_interval: Duration::from_secs(30),
+            rescan_interval: Duration::from_secs(120),
             probes: None,
             scan_sockets: true,
             socket_scan_interval: Duration::from_secs(300),
@@ -105,10 +110,14 @@ impl Default for AgentOptions {
     }
 }
 
-/// The default sampling: the hot-path programs attached 2 s out of every 10 (a fifth of the
-/// time), so a 15 s rate window always holds at least one open window.
-pub const DEFAULT_SAMPLE_WINDOW: Duration = Duration::from_secs(2);
-pub const DEFAULT_SAMPLE_PERIOD: Duration = Duration::from_secs(10);
+/// The default sampling: the hot-path programs attached 3 s out of every 30 (a tenth of the
+/// time: at 10,000 context switches a second that is still 30,000 run-queue waits a window).
+/// Each switch patches a tracepoint's call site with cross-CPU calls (~1–1.5 ms of the agent's
+/// CPU here), so few, longer windows cost less than many short ones. A rate window of 30 s or
+/// a multiple of it holds the same share of open time wherever it starts; the kernel panels'
+/// is 60 s (four of the agent's 15 s scrapes).
+pub const DEFAULT_SAMPLE_WINDOW: Duration = Duration::from_secs(3);
+pub const DEFAULT_SAMPLE_PERIOD: Duration = Duration::from_secs(30);
 
 /// The longest single hold of the sampled probes ([`Agent::hold_sampling`]).
 pub const MAX_SAMPLING_HOLD: Duration = Duration::from_secs(3600);
@@ -172,9 +181,10 @@ struct Inner {
     misses_read_at: Option<std::time::Instant>,
 }
 
-/// How often [`Agent::poll`] reads the programs' miss counts: a file per program, for a
-/// counter that should stay 0 and is judged over minutes.
-const MISSES_EVERY: Duration = Duration::from_secs(10);
+/// How often [`Agent::poll`] reads the programs' miss counts: a file per program (most of a
+/// poll's cost when it is read every time), for a counter that should stay 0 and is judged
+/// over minutes (the dashboard over 5, the alert over 10).
+const MISSES_EVERY: Duration = Duration::from_secs(60);
 
 /// A running set of probes.
 pub struct Agent {
@@ -186,6 +196,12 @@ pub struct Agent {
     refresh_lock: Mutex<Option<std::time::Instant>>,
     /// The last refresh: when, and the lab state file's (modified time, length) then.
     last_refresh: Mutex<Option<(std::time::Instant, Option<Fingerprint>)>>,
+    /// Where the lab state file was found last, when `options.lab_state` does not say.
+    found_state: Mutex<Option<PathBuf>>,
+    /// The agent's own CPU time by activity.
+    cost: SelfCost,
+    /// When the maps were last read.
+    last_poll: Mutex<Option<std::time::Instant>>,
     /// An off-CPU capture (`GET /debug/offcpu`) is running: one at a time, each attaches a
     /// program to every context switch of the host.
     offcpu_busy: Arc<AtomicBool>,
@@ -260,6 +276,9 @@ impl Agent {
             }),
             refresh_lock: Mutex::new(None),
             last_refresh: Mutex::new(None),
+            found_state: Mutex::new(None),
+            cost: SelfCost::default(),
+            last_poll: Mutex::new(None),
             offcpu_busy: Arc::new(AtomicBool::new(false)),
             sampling: Mutex::new(Sampling {
                 open: true,
@@ -294,13 +313,24 @@ impl Agent {
     fn lab_state_path(&self) -> Option<PathBuf> {
         match &self.options.lab_state {
             Some(p) => Some(p.clone()),
-            None => lab::default_paths().into_iter().find(|p| p.is_file()),
+            None => {
+                let found = lab::default_paths().into_iter().find(|p| p.is_file());
+                lock(&self.found_state).clone_from(&found);
+                found
+            }
         }
     }
 
-    /// The lab state file's (modified time, length), if it exists.
+    /// The lab state file's (modified time, length), if it exists: one `stat` of the file
+    /// found last (the search of [`lab::default_paths`] only when it is gone).
     fn lab_state_fingerprint(&self) -> Option<Fingerprint> {
-        let meta = std::fs::metadata(self.lab_state_path()?).ok()?;
+        let known = match &self.options.lab_state {
+            Some(p) => Some(p.clone()),
+            None => lock(&self.found_state).clone(),
+        };
+        let meta = known
+            .and_then(|p| std::fs::metadata(p).ok())
+            .or_else(|| std::fs::metadata(self.lab_state_path()?).ok())?;
         Some((meta.modified().ok()?, meta.len()))
     }
 
@@ -328,7 +358,7 @@ impl Agent {
         // Taken before reading the state: a change made while this refresh runs is seen by
         // the next check.
         let fingerprint = self.lab_state_fingerprint();
-        let result = self.rebuild();
+        let result = self.cost.time(Activity::Refresh, || self.rebuild());
         *lock(&self.last_refresh) = Some((std::time::Instant::now(), fingerprint));
         result
     }
@@ -424,6 +454,10 @@ impl Agent {
 
     /// Decodes and applies every event waiting in the ring buffer.
     pub fn drain_events(&self) {
+        self.cost.time(Activity::Drain, || self.drain_ring());
+    }
+
+    fn drain_ring(&self) {
         let mut batch = Vec::new();
         let bad = lock(&self.kernel).drain_ring(|e| batch.push(e));
         let mut inner = lock(&self.inner);
@@ -435,7 +469,12 @@ impl Agent {
 
     /// Reads the aggregating maps (and drains the ring buffer first).
     pub fn poll(&self) {
-        self.drain_events();
+        self.cost.time(Activity::Poll, || self.read_maps());
+    }
+
+    fn read_maps(&self) {
+        *lock(&self.last_poll) = Some(std::time::Instant::now());
+        self.drain_ring();
         let misses_due = lock(&self.inner)
             .misses_read_at
             .is_none_or(|t| t.elapsed() >= MISSES_EVERY);
@@ -568,11 +607,11 @@ impl Agent {
 
     /// Attaches or detaches the sampled programs and records it.
     fn set_sampling(&self, open: bool) {
-        let (result, actual) = {
+        let (result, actual) = self.cost.time(Activity::Sampling, || {
             let mut kernel = lock(&self.kernel);
             let result = kernel.set_sampling_open(open);
             (result, kernel.sampling_open())
-        };
+        });
         let now = std::time::Instant::now();
         let mut s = lock(&self.sampling);
         if actual != s.open {
@@ -632,6 +671,17 @@ impl Agent {
     }
 
     pub fn render_metrics(&self) -> String {
+        let mut out = self.cost.time(Activity::Render, || self.render_probes());
+        self.cost.render(&mut out);
+        out
+    }
+
+    /// The agent's own CPU by activity so far.
+    pub fn self_cost(&self) -> &SelfCost {
+        &self.cost
+    }
+
+    fn render_probes(&self) -> String {
         let mut out = lock(&self.inner).aggregates.render();
         let probes = lock(&self.kernel).sampled_probes();
         if !probes.is_empty() {
@@ -734,12 +784,17 @@ impl Agent {
         #[allow(deprecated)]
         let ring = AsyncFd::with_interest(fd, Interest::READABLE)
             .context("registering the ring buffer with the runtime")?;
-        let mut poll_tick = tokio::time::interval(self.options.poll_interval);
         let mut refresh_tick = tokio::time::interval(self.options.refresh_interval);
-        poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         refresh_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_sampling_step = tokio::time::Instant::from_std(self.sampling_step());
+        // The state file's directory is watched when it can be: then a change wakes the agent,
+        // and otherwise only the rescan interval does; without a watch, the file is checked
+        // every refresh interval.
+        let mut watch = StateWatch::new(&self.lab_state_candidates());
         loop {
+            let rescan_at = tokio::time::Instant::from_std(self.next_rescan());
+            // A poll for a reader (a scrape) pushes the next one of the agent's own out.
+            let poll_at = tokio::time::Instant::from_std(self.next_poll());
             tokio::select! {
                 _ = shutdown.wait() => return Ok(()),
                 _ = tokio::time::sleep_until(next_sampling_step) => {
@@ -754,22 +809,69 @@ impl Agent {
                     guard.clear_ready();
                     self.drain_events();
                 }
-                _ = poll_tick.tick() => self.poll(),
-                // The check is one `stat`, done here; only a due rescan (a `/proc` walk) goes
-                // to the blocking pool.
-                _ = refresh_tick.tick() => {
-                    if !self.refresh_due() {
-                        continue;
+                _ = tokio::time::sleep_until(poll_at) => self.poll(),
+                change = async {
+                    match watch.as_mut() {
+                        Some(w) => w.changed().await,
+                        None => std::future::pending().await,
                     }
-                    let agent = Arc::clone(&self);
-                    match tokio::task::spawn_blocking(move || agent.refresh()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "refreshing the lab view"),
-                        Err(e) => tracing::warn!(error = %e, "refresh task failed"),
+                } => match change {
+                    Change::StateFile => self.refresh_if_due_in_background().await,
+                    Change::Other => {}
+                    Change::Gone => {
+                        tracing::info!("the lab state file's directory went away: checking the file every refresh interval");
+                        watch = None;
+                        refresh_tick.reset();
                     }
+                },
+                _ = tokio::time::sleep_until(rescan_at), if watch.is_some() => {
+                    self.refresh_if_due_in_background().await;
+                }
+                _ = refresh_tick.tick(), if watch.is_none() => {
+                    self.refresh_if_due_in_background().await;
                 }
             }
         }
+    }
+
+    /// The check is one `stat`, done here; only a due rescan (a `/proc` walk) goes to the
+    /// blocking pool.
+    async fn refresh_if_due_in_background(self: &Arc<Self>) {
+        if !self.refresh_due() {
+            return;
+        }
+        let agent = Arc::clone(self);
+        match tokio::task::spawn_blocking(move || agent.refresh()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "refreshing the lab view"),
+            Err(e) => tracing::warn!(error = %e, "refresh task failed"),
+        }
+    }
+
+    /// Where the lab state file may be.
+    fn lab_state_candidates(&self) -> Vec<PathBuf> {
+        match &self.options.lab_state {
+            Some(p) => vec![p.clone()],
+            None => lab::default_paths(),
+        }
+    }
+
+    /// When the agent polls by itself: `poll_interval` after the last poll, whoever asked for
+    /// it (now when there was none).
+    fn next_poll(&self) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        lock(&self.last_poll).map_or(now, |at| {
+            (at + self.options.poll_interval).max(now + Duration::from_millis(10))
+        })
+    }
+
+    /// When the next rescan is due if the lab state file does not change: `rescan_interval`
+    /// after the last refresh (now when there was none).
+    fn next_rescan(&self) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        lock(&self.last_refresh).map_or(now, |(at, _)| {
+            (at + self.options.rescan_interval).max(now + Duration::from_millis(100))
+        })
     }
 }
 

@@ -60,7 +60,8 @@ pub struct AgentConfig {
     /// Capacity of the `/events` ring.
     pub events_capacity: usize,
     pub poll_interval_ms: u64,
-    /// How often the lab state file is checked for changes (a change triggers a rescan).
+    /// How often the lab state file is checked for changes (a change triggers a rescan) when
+    /// its directory cannot be watched (inotify wakes the agent otherwise).
     pub refresh_interval_ms: u64,
     /// Longest time between two rescans of `/proc` when the lab state does not change.
     pub rescan_interval_ms: u64,
@@ -191,7 +192,7 @@ mod tests {
         assert!(c.validate().is_ok());
         assert_eq!(c.http.addr.port(), DEFAULT_PORT);
         let o = c.agent_options();
-        assert_eq!(o.poll_interval, Duration::from_secs(10));
+        assert_eq!(o.poll_interval, Duration::from_secs(15));
         let mut bad = c.clone();
         bad.agent.poll_interval_ms = 0;
         assert!(
@@ -216,9 +217,9 @@ mod tests {
         );
         some.agent.probes = Some(vec![]);
         assert!(some.validate().unwrap_err().to_string().contains("empty"));
-        assert_eq!(o.rescan_interval, Duration::from_secs(30));
-        assert_eq!(o.sample_window, Duration::from_secs(2));
-        assert_eq!(o.sample_period, Duration::from_secs(10));
+        assert_eq!(o.rescan_interval, Duration::from_secs(120));
+        assert_eq!(o.sample_window, Duration::from_secs(3));
+        assert_eq!(o.sample_period, Duration::from_secs(30));
         let mut always = c.clone();
         always.agent.sample_period_ms = 0;
         assert!(always.validate().is_ok());

@@ -31,7 +31,9 @@ pub mod layout;
 pub mod metrics;
 pub mod offcpu;
 pub mod procfs;
+pub mod selfcost;
 pub mod tracefs;
+pub mod watch;
 pub mod wire;
 
 use std::sync::Arc;

@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use probes::metrics::Aggregates;
+use probes::selfcost::Activity;
 use probes::wire::Log2Hist;
 use probes::{Agent, AgentOptions};
 
@@ -1301,7 +1302,9 @@ fn context_switches_match_the_kernels_own_counters() {
 
 /// Sampling really detaches the run-queue program: while the window is closed a task that
 /// blocks 1,000 times a second adds no switch to its component, a hold attaches the program at
-/// once (the probe's counts then match the kernel's), and a release closes it again.
+/// once (the probe's counts then match the kernel's), and a release closes it again. The
+/// background loop also rescans when the lab state file is rewritten (inotify: its periodic
+/// checks are an hour apart here), and the agent accounts for its own CPU by activity.
 #[test]
 fn sampling_detaches_the_scheduler_program_and_a_hold_attaches_it() {
     let test = "sampling_detaches_the_scheduler_program_and_a_hold_attaches_it";
@@ -1317,10 +1320,13 @@ fn sampling_detaches_the_scheduler_program_and_a_hold_attaches_it() {
     let Some((cg, state)) = persistence_cgroup(test, &mut cleanup, dir.path(), "sample") else {
         return;
     };
-    let mut options = agent_options(&["runqueue"], state);
+    let mut options = agent_options(&["runqueue"], state.clone());
     // A short window, then a long closed stretch: the test runs inside it.
     options.sample_window = Duration::from_millis(300);
     options.sample_period = Duration::from_secs(120);
+    // Only a change of the state file can make the loop rescan while the test runs.
+    options.refresh_interval = Duration::from_secs(3600);
+    options.rescan_interval = Duration::from_secs(3600);
     let agent = Arc::new(Agent::start(options).expect("starting the agent"));
     assert!(agent.sampling_status().open, "attached after loading");
     let pid = blocking_perl(&mut cleanup, &cg, &agent);
@@ -1386,6 +1392,35 @@ fn sampling_detaches_the_scheduler_program_and_a_hold_attaches_it() {
         agent
             .render_metrics()
             .contains("probes_sampling_open{probe=\"runqueue\"} 0")
+    );
+
+    // Closing, holding and releasing: three switches, each charged to the agent.
+    let (switch_cpu, switches) = agent.self_cost().get(Activity::Sampling);
+    assert!(switches >= 3, "{switches} sampling switches counted");
+    assert!(
+        switch_cpu > Duration::ZERO,
+        "no CPU charged to {switches} switches"
+    );
+
+    // The lab's way of writing its state: a temporary file, then a rename.
+    poll_until("the first refresh", Duration::from_secs(10), || {
+        (agent.self_cost().get(Activity::Refresh).1 >= 1).then_some(())
+    });
+    let refreshes = agent.self_cost().get(Activity::Refresh).1;
+    let mut text = std::fs::read_to_string(&state).expect("reading the lab state");
+    text.push('\n');
+    let tmp = state.with_extension("json.tmp");
+    std::fs::write(&tmp, text).expect("writing the lab state");
+    std::fs::rename(&tmp, &state).expect("renaming the lab state into place");
+    poll_until(
+        "a rescan after the state file changed",
+        Duration::from_secs(10),
+        || (agent.self_cost().get(Activity::Refresh).1 > refreshes).then_some(()),
+    );
+    let metrics = agent.render_metrics();
+    assert!(
+        metrics.contains("probes_agent_activity_runs_total{activity=\"sampling_switch\"}"),
+        "{metrics}"
     );
     shutdown.trigger();
     runtime
@@ -1569,7 +1604,7 @@ fn a_changed_lab_state_triggers_a_rescan_and_an_unchanged_one_does_not() {
         serde_json::json!([{"name": "order-gateway", "status": "ready", "ports": {}}]),
     );
     let agent = start_agent(&["oom"], state);
-    assert_eq!(agent.options().rescan_interval, Duration::from_secs(30));
+    assert_eq!(agent.options().rescan_interval, Duration::from_secs(120));
     assert!(
         !agent.refresh_if_due().expect("refresh"),
         "nothing changed since the start: no rescan"

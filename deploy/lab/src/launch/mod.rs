@@ -31,6 +31,7 @@ use crate::isolation::Placement;
 use crate::process;
 use crate::supervisor::Shared;
 
+pub use prometheus::PROBES_SCRAPE_INTERVAL;
 pub use prometheus::render_config as render_prometheus_config;
 
 /// Readiness check of one spawned process: resolves once it is ready (and any post-start work
