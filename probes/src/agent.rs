@@ -8,7 +8,7 @@
 //!   OOM kill: an event per connection would otherwise cost a wake-up each).
 //! * [`Agent::poll`]: drain the ring, then read the aggregating maps (retransmits, run queue,
 //!   block I/O, kernel counters, program statistics): before every `/metrics` and `/events`
-//!   answer, and by itself when none came for `poll_interval` (15 s), so what a reader gets
+//!   answer, and by itself when none came for `poll_interval` (20 s), so what a reader gets
 //!   is current while an idle agent does little; a flow whose retransmit count grew since the previous poll becomes a
 //!   `retransmit_burst` event.
 //! * the sampling cycle: attaches the hot-path programs (run queue, block I/O) for
@@ -95,7 +95,9 @@ impl Default for AgentOptions {
             lab_state: None,
             bpf_stats: false,
             events_capacity: crate::events::DEFAULT_CAPACITY,
-            poll_interval: Duration::from_secs(15),
+            // Longer than the lab's 15 s scrape interval: while Prometheus scrapes, the agent
+            // never polls by itself.
+            poll_interval: Duration::from_secs(20),
             refresh_interval: Duration::from_secs(2),
             rescan_interval: Duration::from_secs(120),
             probes: None,
@@ -809,7 +811,12 @@ impl Agent {
                     guard.clear_ready();
                     self.drain_events();
                 }
-                _ = tokio::time::sleep_until(poll_at) => self.poll(),
+                _ = tokio::time::sleep_until(poll_at) => {
+                    // A reader may have polled while this waited.
+                    if self.poll_due() {
+                        self.poll();
+                    }
+                }
                 change = async {
                     match watch.as_mut() {
                         Some(w) => w.changed().await,
@@ -854,6 +861,11 @@ impl Agent {
             Some(p) => vec![p.clone()],
             None => lab::default_paths(),
         }
+    }
+
+    /// Whether `poll_interval` passed since the last poll, whoever asked for it.
+    fn poll_due(&self) -> bool {
+        lock(&self.last_poll).is_none_or(|at| at.elapsed() >= self.options.poll_interval)
     }
 
     /// When the agent polls by itself: `poll_interval` after the last poll, whoever asked for

@@ -192,7 +192,7 @@ mod tests {
         assert!(c.validate().is_ok());
         assert_eq!(c.http.addr.port(), DEFAULT_PORT);
         let o = c.agent_options();
-        assert_eq!(o.poll_interval, Duration::from_secs(15));
+        assert_eq!(o.poll_interval, Duration::from_secs(20));
         let mut bad = c.clone();
         bad.agent.poll_interval_ms = 0;
         assert!(

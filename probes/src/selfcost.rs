@@ -44,6 +44,9 @@ impl Activity {
     }
 }
 
+/// A metric family: name, help, and its value from (CPU time, runs).
+type Family = (&'static str, &'static str, fn(Duration, u64) -> String);
+
 /// Nanoseconds and runs per activity.
 #[derive(Debug, Default)]
 pub struct SelfCost {
@@ -85,30 +88,24 @@ impl SelfCost {
     /// The Prometheus text of both counters.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write as _;
-        out.push_str(
-            "# HELP probes_agent_cpu_seconds_total CPU time the agent spent in each activity (its threads' CPU clocks); the rest of process_cpu_seconds_total is the runtime between them (timers, wake-ups, the HTTP server).\n\
-             # TYPE probes_agent_cpu_seconds_total counter\n",
-        );
-        for a in Activity::ALL {
-            let (t, _) = self.get(a);
-            let _ = writeln!(
-                out,
-                "probes_agent_cpu_seconds_total{{activity=\"{}\"}} {:.6}",
-                a.name(),
-                t.as_secs_f64()
-            );
-        }
-        out.push_str(
-            "# HELP probes_agent_activity_runs_total Times the agent ran each activity.\n\
-             # TYPE probes_agent_activity_runs_total counter\n",
-        );
-        for a in Activity::ALL {
-            let (_, n) = self.get(a);
-            let _ = writeln!(
-                out,
-                "probes_agent_activity_runs_total{{activity=\"{}\"}} {n}",
-                a.name()
-            );
+        let families: [Family; 2] = [
+            (
+                "probes_agent_cpu_seconds_total",
+                "CPU time the agent spent in each activity (its threads' CPU clocks); the rest of process_cpu_seconds_total is the runtime between them (timers, wake-ups, the HTTP server).",
+                |t, _| format!("{:.6}", t.as_secs_f64()),
+            ),
+            (
+                "probes_agent_activity_runs_total",
+                "Times the agent ran each activity.",
+                |_, n| n.to_string(),
+            ),
+        ];
+        for (name, help, value) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for a in Activity::ALL {
+                let (t, n) = self.get(a);
+                let _ = writeln!(out, "{name}{{activity=\"{}\"}} {}", a.name(), value(t, n));
+            }
         }
     }
 }
