@@ -9,8 +9,8 @@
 //! * [`Agent::poll`]: drain the ring, then read the aggregating maps (retransmits, run queue,
 //!   block I/O, kernel counters, program statistics): before every `/metrics` and `/events`
 //!   answer, and by itself when none came for `poll_interval` (20 s), so what a reader gets
-//!   is current while an idle agent does little; a flow whose retransmit count grew since the previous poll becomes a
-//!   `retransmit_burst` event.
+//!   is current while an idle agent does little; a flow whose retransmit count grew since the
+//!   previous poll becomes a `retransmit_burst` event.
 //! * the sampling cycle: attaches the hot-path programs (run queue, block I/O) for
 //!   `sample_window` out of every `sample_period`, and keeps them attached while a hold
 //!   ([`Agent::hold_sampling`]) lasts.
@@ -198,7 +198,7 @@ pub struct Agent {
     refresh_lock: Mutex<Option<std::time::Instant>>,
     /// The last refresh: when, and the lab state file's (modified time, length) then.
     last_refresh: Mutex<Option<(std::time::Instant, Option<Fingerprint>)>>,
-    /// Where the lab state file was found last, when `options.lab_state` does not say.
+    /// Where the lab state file was found last (`options.lab_state` when it says).
     found_state: Mutex<Option<PathBuf>>,
     /// The agent's own CPU time by activity.
     cost: SelfCost,
@@ -313,23 +313,18 @@ impl Agent {
     }
 
     fn lab_state_path(&self) -> Option<PathBuf> {
-        match &self.options.lab_state {
+        let found = match &self.options.lab_state {
             Some(p) => Some(p.clone()),
-            None => {
-                let found = lab::default_paths().into_iter().find(|p| p.is_file());
-                lock(&self.found_state).clone_from(&found);
-                found
-            }
-        }
+            None => lab::default_paths().into_iter().find(|p| p.is_file()),
+        };
+        lock(&self.found_state).clone_from(&found);
+        found
     }
 
     /// The lab state file's (modified time, length), if it exists: one `stat` of the file
     /// found last (the search of [`lab::default_paths`] only when it is gone).
     fn lab_state_fingerprint(&self) -> Option<Fingerprint> {
-        let known = match &self.options.lab_state {
-            Some(p) => Some(p.clone()),
-            None => lock(&self.found_state).clone(),
-        };
+        let known = lock(&self.found_state).clone();
         let meta = known
             .and_then(|p| std::fs::metadata(p).ok())
             .or_else(|| std::fs::metadata(self.lab_state_path()?).ok())?;
@@ -863,18 +858,22 @@ impl Agent {
         }
     }
 
-    /// Whether `poll_interval` passed since the last poll, whoever asked for it.
-    fn poll_due(&self) -> bool {
-        lock(&self.last_poll).is_none_or(|at| at.elapsed() >= self.options.poll_interval)
+    /// `poll_interval` after the last poll, whoever asked for it (`None`: no poll yet).
+    fn poll_deadline(&self) -> Option<std::time::Instant> {
+        lock(&self.last_poll).map(|at| at + self.options.poll_interval)
     }
 
-    /// When the agent polls by itself: `poll_interval` after the last poll, whoever asked for
-    /// it (now when there was none).
+    /// Whether the agent's own poll is due.
+    fn poll_due(&self) -> bool {
+        self.poll_deadline()
+            .is_none_or(|d| d <= std::time::Instant::now())
+    }
+
+    /// When the agent polls by itself (now when it never polled).
     fn next_poll(&self) -> std::time::Instant {
         let now = std::time::Instant::now();
-        lock(&self.last_poll).map_or(now, |at| {
-            (at + self.options.poll_interval).max(now + Duration::from_millis(10))
-        })
+        self.poll_deadline()
+            .map_or(now, |d| d.max(now + Duration::from_millis(10)))
     }
 
     /// When the next rescan is due if the lab state file does not change: `rescan_interval`
